@@ -1,0 +1,141 @@
+"""The model families a trial can train: a small modern 1-D CNN and an MLP."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from objectives._choice import choose
+
+NORMS = ("none", "batch", "group", "layer")
+INITS = ("he", "xavier", "default")
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.01),
+    "gelu": nn.GELU,
+}
+MAX_WIDENING = 4  # channels double after each downsampling, up to 4x width: cost stays linear
+
+
+def build_model(model: Mapping[str, Any], input_length: int, num_classes: int) -> nn.Module:
+    """Build the configured model for inputs of shape ``(N, input_length)``.
+
+    Example:
+        >>> spec = dict(name="mlp", width=16, depth=2, dropout=0.0, norm="batch",
+        ...             activation="relu", init="he")
+        >>> build_model(spec, input_length=64, num_classes=10)(torch.zeros(2, 64)).shape
+        torch.Size([2, 10])
+
+    Args:
+        model: The ``model`` block of a trial config (name, width, depth, kernel_size, dropout,
+            norm, activation, init); ``kernel_size`` is ignored by the MLP.
+        input_length: Features per sample (the signal length for ``cnn1d``).
+        num_classes: Outputs of the linear head.
+    """
+    family = choose("model.name", model["name"], MODELS)
+    choose("model.norm", model["norm"], dict.fromkeys(NORMS))
+    choose("model.activation", model["activation"], ACTIVATIONS)
+    choose("model.init", model["init"], dict.fromkeys(INITS))
+    _check_sizes(model)
+    net = family(model, input_length, num_classes)
+    _initialize(net, model["init"], model["activation"])
+    return net
+
+
+class CNN1d(nn.Module):
+    """Conv-norm-activation blocks, a 2x max-pool after every second block, global max pool."""
+
+    def __init__(self, model: Mapping[str, Any], input_length: int, num_classes: int) -> None:
+        super().__init__()
+        width, depth = int(model["width"]), int(model["depth"])
+        layers: list[nn.Module] = []
+        c_in, c_out, length = 1, width, input_length
+        for block in range(1, depth + 1):
+            layers += _conv_block(c_in, c_out, int(model["kernel_size"]), model)
+            c_in = c_out
+            # Downsample between stages only, never after the last block (global pool follows)
+            # and never below 2 samples, so any depth fits any signal length.
+            if block % 2 == 0 and block < depth and length >= 4:
+                layers.append(nn.MaxPool1d(2))
+                length //= 2
+                c_out = min(2 * c_out, MAX_WIDENING * width)
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Dropout(float(model["dropout"])), nn.Linear(c_in, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.features(x.unsqueeze(1))  # (N, L) signal -> one input channel
+        return self.head(features.amax(dim=2))  # global max pool: where a pattern sits is free
+
+
+class MLP(nn.Module):
+    """``depth`` hidden layers of ``width`` units (linear-norm-activation), a linear head."""
+
+    def __init__(self, model: Mapping[str, Any], input_length: int, num_classes: int) -> None:
+        super().__init__()
+        width, depth = int(model["width"]), int(model["depth"])
+        layers: list[nn.Module] = []
+        c_in = input_length
+        for _ in range(depth):
+            has_norm = model["norm"] != "none"
+            layers += [nn.Linear(c_in, width, bias=not has_norm), _norm(model["norm"], width, 1)]
+            layers.append(ACTIVATIONS[model["activation"]]())
+            c_in = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Dropout(float(model["dropout"])), nn.Linear(c_in, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.flatten(1)))
+
+
+MODELS: dict[str, Callable[[Mapping[str, Any], int, int], nn.Module]] = {
+    "cnn1d": CNN1d,
+    "mlp": MLP,
+}
+
+
+def _conv_block(c_in: int, c_out: int, kernel_size: int, model: Mapping[str, Any]) -> list[nn.Module]:
+    has_norm = model["norm"] != "none"  # a norm layer's shift makes the conv bias redundant
+    conv = nn.Conv1d(c_in, c_out, kernel_size, padding="same", bias=not has_norm)
+    return [conv, _norm(model["norm"], c_out, 2), ACTIVATIONS[model["activation"]]()]
+
+
+def _norm(kind: str, channels: int, dims: int) -> nn.Module:
+    """A norm layer over ``channels`` for inputs of 1 (MLP) or 2 (CNN) dims after the batch."""
+    if kind == "batch":
+        return nn.BatchNorm1d(channels)
+    if kind == "group":
+        return nn.GroupNorm(_groups(channels), channels)
+    if kind == "layer":
+        # GroupNorm(1, c) normalizes over channels and length: layer norm for a conv map.
+        return nn.GroupNorm(1, channels) if dims == 2 else nn.LayerNorm(channels)
+    return nn.Identity()
+
+
+def _groups(channels: int) -> int:
+    """The most groups, at most 8, that divide ``channels`` evenly."""
+    return max(g for g in range(1, min(8, channels) + 1) if channels % g == 0)
+
+
+def _initialize(net: nn.Module, init: str, activation: str) -> None:
+    if init == "default":
+        return  # torch's own (Kaiming-uniform with a = sqrt(5))
+    nonlinearity = "leaky_relu" if activation == "leaky_relu" else "relu"  # GELU ~ ReLU gain
+    for layer in net.modules():
+        if isinstance(layer, (nn.Conv1d, nn.Linear)):
+            if init == "he":
+                nn.init.kaiming_normal_(layer.weight, a=0.01, nonlinearity=nonlinearity)
+            else:
+                nn.init.xavier_uniform_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
+def _check_sizes(model: Mapping[str, Any]) -> None:
+    for key in ("width", "depth") + (("kernel_size",) if model["name"] == "cnn1d" else ()):
+        if int(model[key]) < 1:
+            raise ValueError(f"model.{key} must be at least 1 but got {model[key]!r}.")
+    if not 0.0 <= float(model["dropout"]) < 1.0:
+        raise ValueError(f"model.dropout must be in [0, 1) but got {model['dropout']!r}.")

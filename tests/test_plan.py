@@ -1,0 +1,96 @@
+"""The stage plan: carry-over of the best values, lineage, hand-fixed values, refusal."""
+
+import pytest
+
+from tuner.config import apply_overrides, load_study
+from tuner.errors import StageRefused
+from tuner.plan import Best, Source, plan_stage, stale_keys
+
+STUDY = load_study()
+
+
+def best(stage: str, number: int, value: float, lineage=None, **changes) -> Best:
+    config = STUDY.config
+    for key, v in changes.items():
+        node = config
+        *parents, last = key.split("__")
+        for part in parents:
+            node = node[part]
+        node[last] = v
+    return Best(stage, number, value, config, lineage or {})
+
+
+def bests(*items: Best):
+    table = {b.stage: b for b in items}
+    return lambda stage: table.get(stage)
+
+
+def test_first_stage_fixes_nothing_and_starts_from_the_defaults() -> None:
+    plan = plan_stage(STUDY, "batch_size", bests())
+    assert plan.fixed == {} and plan.lineage == {}
+    # The batch stage trains on a time budget: the stage's own setting is in the incumbent.
+    assert plan.incumbent["time_budget"] == 3.0
+    assert plan.incumbent["batch_size"] == 64
+
+
+def test_a_stage_fixes_the_best_values_of_the_stage_before() -> None:
+    plan = plan_stage(STUDY, "lr", bests(best("batch_size", 3, 0.9, batch_size=32)))
+    assert plan.fixed == {"batch_size": 32}
+    assert plan.lineage["batch_size"] == Source("batch_size", 3, 0.9)
+    assert plan.incumbent["batch_size"] == 32
+    # Values a stage sets for itself do not leak into the next stage.
+    assert plan.incumbent["time_budget"] is None
+
+
+def test_lineage_reaches_back_through_the_stages() -> None:
+    lr = best("lr", 7, 0.98, {"batch_size": Source("batch_size", 3, 0.9)},
+              batch_size=32, lr=0.01, schedule="cosine")  # fmt: skip
+    plan = plan_stage(STUDY, "optimizer", bests(best("batch_size", 3, 0.9, batch_size=32), lr))
+    assert plan.fixed["lr"] == 0.01 and plan.fixed["schedule"] == "cosine"
+    assert plan.lineage["lr"].label == "lr#7"
+    # batch_size came into lr's best from the batch stage; its lineage says so.
+    assert plan.lineage["batch_size"].label == "batch_size#3"
+
+
+def test_the_latest_searcher_of_a_key_is_its_source() -> None:
+    # lr is tuned in the lr stage, and again (nuisance) in the optimizer stage.
+    opt = best("optimizer", 4, 0.99, {}, lr=0.05, optimizer="sgd")
+    plan = plan_stage(STUDY, "architecture", bests(opt, best("lr", 7, 0.98, lr=0.01)))
+    assert plan.fixed["lr"] == 0.05
+    assert plan.lineage["lr"].label == "optimizer#4"
+
+
+def test_a_stage_without_an_earlier_result_refuses_naming_the_command() -> None:
+    with pytest.raises(StageRefused) as info:
+        plan_stage(STUDY, "optimizer", bests(best("batch_size", 0, 0.9)))
+    message = str(info.value)
+    assert "stage lr, which has no finished trial" in message
+    assert "`python -m tuner run stage=lr`" in message
+    assert "\n" not in message  # one line
+
+
+def test_the_refusal_names_the_earliest_missing_stage() -> None:
+    with pytest.raises(StageRefused, match="from stage batch_size"):
+        plan_stage(STUDY, "architecture", bests())
+
+
+def test_values_set_by_hand_replace_a_missing_stage() -> None:
+    study = apply_overrides(STUDY, {"batch_size": "128"}, {}).study
+    plan = plan_stage(study, "lr", bests())
+    assert plan.fixed == {"batch_size": 128}
+    assert plan.lineage["batch_size"].label == "set by hand"
+
+
+def test_a_key_set_by_hand_is_not_searched() -> None:
+    study = apply_overrides(STUDY, {"schedule": "cosine", "batch_size": "32"}, {}).study
+    plan = plan_stage(study, "lr", bests())
+    assert plan.space.keys == ("lr", "warmup")
+    assert plan.incumbent["schedule"] == "cosine"
+
+
+def test_stale_keys_compare_the_stored_lineage() -> None:
+    plan = plan_stage(STUDY, "lr", bests(best("batch_size", 3, 0.9, batch_size=32)))
+    same = {"batch_size": {"stage": "batch_size", "trial": 3, "value": 0.9}}
+    moved = {"batch_size": {"stage": "batch_size", "trial": 1, "value": 0.8}}
+    assert stale_keys(plan, same) == []
+    assert stale_keys(plan, moved) == ["batch_size"]

@@ -1,0 +1,162 @@
+"""The runner: incumbent first, resume to the budget, pruning vs early stopping vs divergence.
+
+Objectives here are plain functions of the config: the decisions are the point, not training.
+"""
+
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tuner import storage as storages
+from tuner.config import apply_overrides, load_study
+from tuner.errors import StageFailed, StageRefused
+from tuner.plan import plan_stage
+from tuner.runner import Budget, best_of, best_trial, run_stage, stage_budgets, stage_timeout
+
+
+@pytest.fixture()
+def study(tmp_path: Path):
+    base = load_study()
+    return apply_overrides(base, {"storage": f"sqlite:///{tmp_path}/t.db"}, {}).study
+
+
+def quadratic(config, report):
+    """Peaks at lr = 1e-2; a few 'epochs' of steady values."""
+    value = 1.0 - (math.log10(config["lr"]) + 2.0) ** 2 / 10
+    for epoch in range(1, 4):
+        report(epoch, {"accuracy": value * epoch / 3})
+    return {"accuracy": value, "stop_reason": "max_epochs", "best_epoch": 3}
+
+
+def run(study, stage, fn, trials, quiet=True, **kwargs):
+    storage = storages.open_storage(study.storage)
+    plan = plan_stage(study, stage, best_of(storage, study))
+    out = (lambda line: None) if quiet else print
+    return run_stage(plan, storage, fn, Budget(trials, None), out=out, **kwargs)
+
+
+def with_batch(study):
+    return apply_overrides(study, {"batch_size": "64"}, {}).study
+
+
+def test_the_incumbent_is_the_first_trial(study) -> None:
+    s = run(with_batch(study), "lr", quadratic, 3)
+    first = s.trials[0]
+    # Trial 0 runs the defaults (with the fixed values): the stage cannot end below it.
+    assert first.params == {"lr": 0.003, "schedule": "onecycle", "warmup": 0.2}
+    assert first.user_attrs["config"]["batch_size"] == 64
+
+
+def test_the_batch_stage_runs_every_candidate_incumbent_first(study) -> None:
+    seen = []
+
+    def fn(config, report):
+        seen.append((config["batch_size"], config["time_budget"]))
+        return {"accuracy": 0.5 + config["batch_size"] / 1000}
+
+    s = run(study, "batch_size", fn, 5)
+    assert seen == [(64, 3.0), (16, 3.0), (32, 3.0), (128, 3.0), (256, 3.0)]
+    assert s.best_params == {"batch_size": 256}
+
+
+def test_a_stage_resumes_up_to_its_budget(study) -> None:
+    fixed = with_batch(study)
+    run(fixed, "lr", quadratic, 3)
+    s = run(fixed, "lr", quadratic, 5)
+    assert len(s.trials) == 5  # resumed: 2 more, not 5 more
+    again = run(fixed, "lr", quadratic, 5)
+    assert len(again.trials) == 5  # the budget is spent: nothing runs
+
+
+def test_the_next_stage_carries_the_best_and_records_lineage(study) -> None:
+    fixed = with_batch(study)
+    lr_study = run(fixed, "lr", quadratic, 6)
+    s = run(fixed, "optimizer", lambda c, r: {"accuracy": 0.5}, 2)
+    assert s.user_attrs["fixed"]["lr"] == lr_study.best_params["lr"]
+    assert s.user_attrs["lineage"]["lr"]["trial"] == lr_study.best_trial.number
+    assert s.trials[0].params["lr[adamw]"] == lr_study.best_params["lr"]
+
+
+def test_early_stopping_is_complete_and_divergence_is_pruned(study) -> None:
+    def fn(config, report):
+        if config["lr"] > 0.01:
+            report(1, {"accuracy": 0.1})
+            return {"stop_reason": "diverged", "best_epoch": 1}
+        report(1, {"accuracy": 0.8})
+        return {"accuracy": 0.8, "stop_reason": "patience", "best_epoch": 1}
+
+    s = run(with_batch(study), "lr", fn, 12)
+    for t in s.trials:
+        if t.user_attrs["stop_reason"] == "diverged":
+            # The sampler must learn to avoid the region: PRUNED, not FAIL.
+            assert t.state == TrialState.PRUNED
+        else:
+            assert t.state == TrialState.COMPLETE and t.value == 0.8
+    assert {t.user_attrs["stop_reason"] for t in s.trials} == {"diverged", "patience"}
+
+
+def test_the_pruner_prunes_a_trial_below_the_median(study) -> None:
+    s = run(with_batch(study), "lr", quadratic, 1)
+    for value in (0.9, 0.9, 0.9, 0.9, 0.9):  # history: others did well at every epoch
+        s.add_trial(optuna.trial.create_trial(
+            value=value, intermediate_values={1: value, 2: value, 3: value, 4: value, 5: value},
+            params={"lr": 0.01, "schedule": "cosine", "warmup": 0.1},
+            distributions=s.trials[0].distributions, user_attrs={"config": {}},
+        ))  # fmt: skip
+
+    def poor(config, report):
+        for epoch in range(1, 6):
+            report(epoch, {"accuracy": 0.1})
+        return {"accuracy": 0.1}
+
+    s = run(with_batch(study), "lr", poor, 7)
+    last = s.trials[-1]
+    assert last.state == TrialState.PRUNED
+    assert last.user_attrs["stop_reason"] == "pruned"
+    assert last.last_step == 3  # n_warmup_steps=3: epochs 1 and 2 are never pruned
+
+
+def test_a_stage_whose_trials_keep_failing_stops_with_the_error(study) -> None:
+    def broken(config, report):
+        raise RuntimeError("no such layer")
+
+    with pytest.raises(StageFailed, match="5 trials in a row failed with RuntimeError: no such"):
+        run(with_batch(study), "lr", broken, 20)
+
+
+def test_a_missing_metric_fails_the_trial_with_a_reason(study) -> None:
+    fixed = with_batch(study)
+    with pytest.raises(StageFailed):  # failed trials do not count: the streak ends it
+        run(fixed, "lr", lambda c, r: {"acc": 1.0}, 1)
+    storage = storages.open_storage(fixed.storage)
+    trial = optuna.load_study(study_name="mnist1d_cnn/lr", storage=storage).trials[0]
+    assert trial.state == TrialState.FAIL
+    assert "returned no finite 'accuracy'" in trial.user_attrs["error"]
+
+
+def test_a_stage_is_refused_when_upstream_changed_and_restart_runs_it_anew(study) -> None:
+    fixed = with_batch(study)
+    run(fixed, "lr", quadratic, 2)
+    run(fixed, "optimizer", lambda c, r: {"accuracy": 0.5}, 1)
+    run(fixed, "lr", quadratic, 12)  # more lr trials: a better lr turns up
+    storage = storages.open_storage(fixed.storage)
+    assert best_trial(optuna.load_study(study_name="mnist1d_cnn/lr", storage=storage)).number > 1
+    with pytest.raises(StageRefused, match="stale.*restart=true"):
+        run(fixed, "optimizer", lambda c, r: {"accuracy": 0.5}, 2)
+    s = run(fixed, "optimizer", lambda c, r: {"accuracy": 0.5}, 2, restart=True)
+    assert len(s.trials) == 2
+
+
+def test_run_budgets_share_trials_and_time_as_the_study_says(study) -> None:
+    stages = study.stages
+    assert stage_budgets(study, stages, None) == study.trials
+    assert stage_budgets(study, stages, 20) == {
+        "batch_size": 2, "lr": 6, "optimizer": 6, "architecture": 6,
+    }  # fmt: skip
+    assert stage_budgets(study, ("lr",), 20) == {"lr": 20}
+    # 100 s left for lr, optimizer, architecture (shares 3, 3, 3): a third each.
+    assert stage_timeout(study, "lr", stages[1:], 100.0) == pytest.approx(100 / 3)
+    assert stage_timeout(study, "lr", stages[1:], None) is None

@@ -1,0 +1,173 @@
+"""The command line: ``python -m tuner COMMAND [key=value ...]``.
+
+Data flows one way: the arguments make a study config, the config makes a stage plan, the
+runner runs it through Optuna into the storage, and status/export read it back. A user's
+mistake ends in one line on stderr and exit status 2; nothing is written before the plan
+holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tuner import __version__
+from tuner import storage as storages
+from tuner.config import DEFAULT_STUDY, Overrides, apply_overrides, load_study, parse_pairs
+from tuner.errors import StageFailed, UserError
+
+USAGE = f"""\
+tuner {__version__}: staged hyperparameter tuning of PyTorch models on Optuna
+
+usage: python -m tuner COMMAND [key=value ...]
+
+commands:
+  run       tune: all stages in order (batch_size, lr, optimizer, architecture), or stage=NAME
+  status    a table of the stages: trials, best value and params, fixed values and their source
+  export    write the best config, complete and with its provenance, as YAML (out=best.yaml)
+  train     train an exported config and score the test split once (config=best.yaml)
+
+keys (any command): study=NAME|FILE (default {DEFAULT_STUDY}), storage=URL
+run:    stage=NAME trials=N timeout=SECONDS restart=true threads=N, and any config key
+        of the study (lr=1e-3, batch_size=64, model.width=64, epochs=20, seed=1, ...)
+export: out=FILE stage=NAME
+train:  config=FILE out=FOLDER threads=N, and any config key of the exported config
+
+examples:
+  python -m tuner run
+  python -m tuner run stage=lr trials=20
+  python -m tuner status
+  python -m tuner export out=best.yaml
+  python -m tuner train config=best.yaml
+  optuna-dashboard sqlite:///tuner.db
+"""
+
+COMMON: dict[str, type | tuple[type, ...]] = {"study": str}
+OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "run": {"stage": str, "trials": int, "timeout": (float, int), "restart": bool, "threads": int},
+    "status": {},
+    "export": {"out": str, "stage": str},
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; return the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        print(f"tuner {__version__}")
+        return 0
+    _quiet_libraries()
+    command, rest = args[0], args[1:]
+    handlers: dict[str, Callable[[list[str]], int]] = {
+        "run": _run, "status": _status, "export": _export, "train": _train,
+    }  # fmt: skip
+    try:
+        if command not in handlers:
+            raise UserError(f"Unknown command '{command}'; commands: {', '.join(handlers)}.")
+        return handlers[command](rest)
+    except (UserError, StageFailed) as exc:
+        print(f"tuner: {storages.mask(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("tuner: interrupted; finished trials are kept, run again to resume.", file=sys.stderr)
+        return 130
+
+
+def _resolve(command: str, rest: list[str]) -> Overrides:
+    pairs = parse_pairs(rest)
+    name = pairs.pop("study", DEFAULT_STUDY)
+    study = load_study(name)
+    return apply_overrides(study, pairs, {**OPTIONS[command]})
+
+
+def _run(rest: list[str]) -> int:
+    from tuner import runner, status  # torch and optuna load here, not for --help
+
+    resolved = _resolve("run", rest)
+    opts, study = resolved.options, resolved.study
+    _threads(opts.get("threads"))
+    runner.run(
+        study,
+        stage=opts.get("stage"),
+        trials=opts.get("trials"),
+        timeout=opts.get("timeout"),
+        restart=bool(opts.get("restart", False)),
+    )
+    print()
+    print(status.render(study, status.collect(study)))
+    print()
+    print("next:")
+    study_arg = "" if study.name == DEFAULT_STUDY else f" study={study.source}"
+    print(f"  python -m tuner export{study_arg} out=best.yaml   # the best config as YAML")
+    print("  python -m tuner train config=best.yaml         # train it, score the test split")
+    print(f"  optuna-dashboard {storages.mask(study.storage)}        # look at the studies")
+    return 0
+
+
+def _status(rest: list[str]) -> int:
+    from tuner import status
+
+    print(status.show(_resolve("status", rest).study))
+    return 0
+
+
+def _export(rest: list[str]) -> int:
+    from tuner import export
+
+    resolved = _resolve("export", rest)
+    document = export.best_config(resolved.study, resolved.options.get("stage"))
+    path = export.write(document, str(resolved.options.get("out", "best.yaml")))
+    prov = document["provenance"]
+    print(
+        f"wrote {path}: stage {prov['stage']} trial #{prov['trial']},"
+        f" validation {document['metric']} {prov['value']:.4f}"
+    )
+    print(f"train it: python -m tuner train config={path}")
+    return 0
+
+
+def _train(rest: list[str]) -> int:
+    from tuner import export, train
+
+    pairs = parse_pairs(rest)
+    config = pairs.pop("config", None)
+    if config is None:
+        raise UserError("train needs config=FILE, an exported config (python -m tuner export).")
+    out = pairs.pop("out", "trained")
+    threads = pairs.pop("threads", None)
+    _threads(_int_option("threads", threads))
+    train.train(export.read(config), out, pairs)
+    return 0
+
+
+def _int_option(key: str, text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{key}={text}: {key} must be an integer.") from None
+
+
+def _threads(threads: Any) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"threads={threads}: threads must be at least 1.")
+        torch.set_num_threads(threads)
+
+
+def _quiet_libraries() -> None:
+    """Optuna's own log lines and experimental warnings would drown ours."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -1,0 +1,128 @@
+"""``tuner export``: the best config of a study as YAML, complete and with its provenance.
+
+The file holds every key the objective reads (the defaults included), so ``tuner train``
+needs nothing else, and a provenance block: the study, the storage, which stage and trial
+each tuned value came from, the tuner version and the date.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tuner import __version__, yamlio
+from tuner import storage as storages
+from tuner.config import StudyConfig, flatten, get_path
+from tuner.errors import UserError
+from tuner.plan import Source, load_space
+from tuner.runner import best_trial
+
+
+def best_config(study: StudyConfig, stage: str | None = None) -> dict[str, Any]:
+    """The export document of the last stage with a finished trial (or of ``stage``)."""
+    storage = storages.open_existing(study.storage)
+    if stage is not None and stage not in study.stages:
+        raise UserError(f"Unknown stage '{stage}'; this study's stages: {', '.join(study.stages)}.")
+    candidates = [stage] if stage else list(reversed(study.stages))
+    for name in candidates:
+        found = storages.load(storage, study.stage_name(name))
+        trial = best_trial(found) if found is not None else None
+        if found is not None and trial is not None:
+            return _document(study, name, found.user_attrs, trial.number, trial.value, trial.user_attrs)
+    which = f"stage {stage}" if stage else f"study {study.name}"
+    raise UserError(
+        f"Nothing to export: {which} has no finished trial in {storages.mask(study.storage)};"
+        " run `python -m tuner run` first."
+    )
+
+
+def _document(
+    study: StudyConfig,
+    stage: str,
+    stage_attrs: dict[str, Any],
+    number: int,
+    value: float | None,
+    trial_attrs: dict[str, Any],
+) -> dict[str, Any]:
+    config = trial_attrs["config"]
+    lineage = {k: Source.from_dict(v) for k, v in stage_attrs.get("lineage", {}).items()}
+    own = Source(stage, number, value)
+    values = {key: lineage.get(key, Source()) for key in lineage}
+    for key in load_space(study, stage).keys:
+        values[key] = own
+    stages: dict[str, Any] = {}
+    for source in [*values.values(), own]:
+        if source.stage is not None:
+            stages[source.stage] = {
+                "study": study.stage_name(source.stage),
+                "trial": source.trial,
+                "value": source.value,
+            }
+    ordered = {s: stages[s] for s in study.stages if s in stages}
+    metrics = {k: trial_attrs[k] for k in _METRICS if k in trial_attrs}
+    return {
+        "objective": study.objective,
+        "metric": study.metric,
+        "direction": study.direction,
+        "config": config,
+        "validation": metrics,
+        "provenance": {
+            "study": study.name,
+            "study_file": study.source,
+            "storage": storages.mask(study.storage),
+            "stage": stage,
+            "trial": number,
+            "value": value,
+            "stages": ordered,
+            "values": {
+                key: values[key].label
+                for key in flatten(config)
+                if key in values
+            },
+            "tuner_version": __version__,
+            "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        },
+    }
+
+
+_METRICS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "roc_auc", "loss",
+            "rmse", "mae", "r2", "best_epoch", "stop_reason")  # fmt: skip
+
+
+def render(document: dict[str, Any]) -> str:
+    """The YAML text, with a header that says what it is and how to train it."""
+    prov = document["provenance"]
+    header = (
+        f"# Best config of study {prov['study']}: stage {prov['stage']}, trial #{prov['trial']},"
+        f" validation {document['metric']} {prov['value']:.4f}.\n"
+        f"# Exported by tuner {prov['tuner_version']} at {prov['exported_at']}. Train it with\n"
+        "#   python -m tuner train config=<this file>\n"
+    )
+    return header + yamlio.dumps(document)
+
+
+def write(document: dict[str, Any], out: str) -> Path:
+    """Write the export atomically (a half-written config is worse than none)."""
+    path = Path(out)
+    if not path.parent.is_dir():
+        raise UserError(f"out={out}: folder {path.parent} does not exist.")
+    text = render(document)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def read(path: str) -> dict[str, Any]:
+    """Read an exported config back, checking it has what ``train`` needs."""
+    document = yamlio.load(path)
+    if not isinstance(document, dict) or not isinstance(document.get("config"), dict):
+        raise UserError(f"{path}: not an exported config (it has no 'config' mapping).")
+    if not isinstance(document.get("objective"), str):
+        raise UserError(f"{path}: not an exported config (it has no 'objective').")
+    get_path(document, "config")
+    return document

@@ -1,0 +1,64 @@
+"""Loading an objective (``module:function``) and checking that it can be called as one.
+
+An objective is a plain function ``train(config, report) -> metrics``: ``config`` is the
+trial config (a dict), ``report(epoch, metrics)`` is called once per epoch with the
+validation metrics, and the return value is a dict of the best epoch's validation metrics.
+To score a test split for ``tuner train`` it also takes ``test: bool = False``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tuner.errors import UserError
+
+Report = Callable[[int, dict[str, float]], None]
+Objective = Callable[..., dict[str, Any]]
+
+
+def load_objective(spec: str) -> Objective:
+    """Import ``module:function``; the current folder is importable, like ``python -m``."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"objective must be 'module:function' (like objectives:train), got '{spec}'.")
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise UserError(
+            f"objective {spec}: cannot import module '{exc.name}' (is it installed, or in the"
+            " current folder?)."
+        ) from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise UserError(f"objective {spec}: module {module_name} has no function '{attr}'.")
+    _check_signature(spec, fn)
+    return fn
+
+
+def accepts_test(fn: Objective) -> bool:
+    """Whether an objective can score the test split (takes a ``test`` keyword)."""
+    try:
+        return "test" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_signature(spec: str, fn: Callable[..., Any]) -> None:
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # a builtin or C function: trust it
+    try:
+        signature.bind({}, lambda epoch, metrics: None)
+    except TypeError:
+        raise UserError(
+            f"objective {spec}: must take (config, report), but its signature is {signature}."
+        ) from None

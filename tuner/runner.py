@@ -1,0 +1,396 @@
+"""Running stages: each stage is one Optuna study, its trials calls of the objective.
+
+The runner enqueues the incumbent as a stage's first trial, reports every epoch's
+validation metric to Optuna (whose pruner may stop the trial), turns a diverged trial into
+PRUNED with its reason, stops a stage whose trials keep failing, and resumes a stage up to
+its budget when it is run again.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+import search_spaces
+from tuner import __version__
+from tuner import storage as storages
+from tuner.config import StudyConfig, merged
+from tuner.errors import StageFailed, StageRefused, UserError
+from tuner.objective import Objective, load_objective
+from tuner.plan import Best, BestOf, Source, StagePlan, plan_stage, rerun_command, stale_keys
+
+Print = Callable[[str], None]
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+FAILURE_STREAK = 5  # this many failed trials in a row stop a stage: the error is not bad luck
+# Stop reasons after which a trial is PRUNED rather than COMPLETE: the sampler learns to
+# avoid the region (TPE ignores FAILed trials).
+PRUNED_REASONS = ("diverged", "out_of_memory")
+
+
+# --- reading stages back ---------------------------------------------------------------------
+
+
+def best_of(storage: optuna.storages.BaseStorage | None, study: StudyConfig) -> BestOf:
+    """A function that reads a stage's best finished trial from the storage."""
+
+    def best(stage: str) -> Best | None:
+        found = storages.load(storage, study.stage_name(stage))
+        if found is None:
+            return None
+        trial = best_trial(found)
+        if trial is None:
+            return None
+        lineage = found.user_attrs.get("lineage", {})
+        return Best(
+            stage=stage,
+            number=trial.number,
+            value=float(trial.value),  # type: ignore[arg-type]
+            config=trial.user_attrs["config"],
+            lineage={key: Source.from_dict(src) for key, src in lineage.items()},
+        )
+
+    return best
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The best COMPLETE trial that carries its config, or None."""
+    complete = [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "config" in t.user_attrs and t.value is not None and math.isfinite(t.value)
+    ]  # fmt: skip
+    if not complete:
+        return None
+    pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    return pick(complete, key=lambda t: (t.value, -t.number))  # ties: the earlier trial
+
+
+# --- samplers and pruners ----------------------------------------------------------------------
+
+
+def make_sampler(study: StudyConfig, seed: int) -> optuna.samplers.BaseSampler:
+    """The study's sampler, seeded."""
+    options = {k: v for k, v in study.sampler.items() if k != "name"}
+    name = study.sampler.get("name", "tpe")
+    try:
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed, **options)
+        # group=True: TPE models the conditional parameters (momentum[sgd] ...) per branch.
+        options.setdefault("multivariate", True)
+        options.setdefault("group", True)
+        return optuna.samplers.TPESampler(seed=seed, **options)
+    except TypeError as exc:
+        raise UserError(f"sampler {name}: {exc}.") from None
+
+
+def make_pruner(study: StudyConfig, max_epochs: int) -> optuna.pruners.BasePruner:
+    """The study's pruner; Hyperband's maximum resource is the trial's epoch budget."""
+    options = {k: v for k, v in study.pruner.items() if k != "name"}
+    name = study.pruner.get("name", "median")
+    try:
+        if name == "median":
+            return optuna.pruners.MedianPruner(**options)
+        if name == "hyperband":
+            options.setdefault("max_resource", max_epochs)
+            return optuna.pruners.HyperbandPruner(**options)
+        if name == "successive_halving":
+            return optuna.pruners.SuccessiveHalvingPruner(**options)
+        return optuna.pruners.NopPruner()
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"pruner {name}: {exc}") from None
+
+
+# --- one trial -------------------------------------------------------------------------------------
+
+
+class _Report:
+    """The objective's ``report(epoch, metrics)``: feeds Optuna's pruner each epoch."""
+
+    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+        self.trial, self.metric = trial, metric
+
+    def __call__(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        value = metrics.get(self.metric)
+        if value is None or not math.isfinite(value):
+            return
+        self.trial.report(float(value), epoch)
+        if self.trial.should_prune():
+            self.trial.set_user_attr("stop_reason", "pruned")
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+
+def make_objective(plan: StagePlan, fn: Objective) -> Callable[[optuna.Trial], float]:
+    """The Optuna objective of a stage: draw, train, record, score."""
+    metric = plan.study.metric
+
+    def objective(trial: optuna.Trial) -> float:
+        drawn = search_spaces.suggest(trial, plan.space, plan.incumbent)
+        config = merged(plan.incumbent, drawn)
+        trial.set_user_attr("config", config)
+        started = time.perf_counter()
+        try:
+            result = fn(config, _Report(trial, metric))
+            return _score(trial, result, metric, time.perf_counter() - started)
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+            trial.set_user_attr("traceback", traceback.format_exc(limit=-8))
+            raise
+
+    return objective
+
+
+def _score(trial: optuna.Trial, result: Mapping[str, Any], metric: str, seconds: float) -> float:
+    """Record a trial's result; its value, or PRUNED where it diverged or ran out of memory."""
+    if not isinstance(result, Mapping):
+        raise TypeError(f"the objective must return a dict of metrics, got {type(result).__name__}")
+    record = {k: _plain(v) for k, v in result.items() if k not in ("model", "test")}
+    record["trial_seconds"] = round(seconds, 3)
+    for key, value in record.items():
+        trial.set_user_attr(key, value)
+    if record.get("stop_reason") in PRUNED_REASONS:
+        raise optuna.TrialPruned(str(record["stop_reason"]))
+    value = result.get(metric)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(
+            f"the objective returned no finite '{metric}' (got keys: {', '.join(result)})"
+        )
+    return float(value)
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready value (numpy and torch scalars become Python numbers)."""
+    if isinstance(value, (str, bool, int, float)) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):
+        return _plain(value.tolist())
+    return str(value)
+
+
+# --- one stage -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Budget:
+    """A stage's budget: finished trials, and seconds (None: no limit)."""
+
+    trials: int
+    timeout: float | None
+
+
+class _Progress:
+    """A line per finished trial: stage, n/N, state, value, best so far, why it stopped."""
+
+    def __init__(self, plan: StagePlan, budget: Budget, out: Print) -> None:
+        self.plan, self.budget, self.out = plan, budget, out
+        self.failures: list[str] = []
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
+        metric = self.plan.study.metric
+        state = trial.state.name
+        value = f"{metric}={trial.value:.4f}" if trial.value is not None else ""
+        best = best_trial(study)
+        best_text = f"best {best.value:.4f} (#{best.number})" if best is not None else "no best yet"
+        reason = _why(trial)
+        params = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
+        seconds = trial.duration.total_seconds() if trial.duration else 0.0
+        self.out(
+            f"[{self.plan.stage} {done}/{self.budget.trials}] #{trial.number} {state:<8} "
+            f"{value:<16} {best_text:<22} {reason:<22} {seconds:5.1f}s  {params}"
+        )
+        if trial.state == TrialState.FAIL:
+            self.failures.append(str(trial.user_attrs.get("error", "unknown error")))
+            if len(self.failures) >= FAILURE_STREAK and len(set(self.failures[-FAILURE_STREAK:])) == 1:
+                study.stop()
+        else:
+            self.failures.clear()
+
+
+def _why(trial: FrozenTrial) -> str:
+    attrs = trial.user_attrs
+    if trial.state == TrialState.FAIL:
+        return str(attrs.get("error", "failed"))[:60]
+    reason = attrs.get("stop_reason", trial.state.name.lower())
+    epoch = attrs.get("best_epoch")
+    if reason == "pruned":
+        return f"pruned at epoch {trial.last_step}"
+    return f"{reason}, best epoch {epoch}" if epoch is not None else str(reason)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def run_stage(
+    plan: StagePlan,
+    storage: optuna.storages.BaseStorage,
+    fn: Objective,
+    budget: Budget,
+    *,
+    restart: bool = False,
+    out: Print = print,
+) -> optuna.Study:
+    """Run (or resume) one stage until it has ``budget.trials`` finished trials."""
+    existing = storages.load(storage, plan.name)
+    if existing is not None and restart:
+        optuna.delete_study(study_name=plan.name, storage=storage)
+        existing = None
+    if existing is not None and existing.trials:
+        _refuse_if_stale(plan, existing)
+    n_before = len(existing.trials) if existing is not None else 0
+    study = optuna.create_study(
+        study_name=plan.name,
+        storage=storage,
+        sampler=make_sampler(plan.study, _seed(plan, n_before)),
+        pruner=make_pruner(plan.study, int(plan.incumbent.get("epochs", 1) or 1)),
+        direction=plan.study.direction,
+        load_if_exists=True,
+    )
+    if not study.trials:
+        _start(plan, study)
+    done = sum(1 for t in study.trials if t.state in FINISHED)
+    _header(plan, budget, done, out)
+    if done >= budget.trials:
+        out(f"  stage {plan.stage} has {done}/{budget.trials} finished trials already"
+            f" (raise trials= to run more).")
+        return study
+    progress = _Progress(plan, budget, out)
+    study.optimize(
+        make_objective(plan, fn),
+        timeout=budget.timeout,
+        catch=(Exception,),
+        callbacks=[
+            optuna.study.MaxTrialsCallback(budget.trials, states=FINISHED),
+            progress,
+        ],
+    )
+    if len(progress.failures) >= FAILURE_STREAK:
+        last = [t for t in study.trials if t.state == TrialState.FAIL][-1]
+        out(str(last.user_attrs.get("traceback", "")).rstrip())
+        raise StageFailed(
+            f"Stage {plan.stage} stopped: {FAILURE_STREAK} trials in a row failed with"
+            f" {progress.failures[-1]}"
+        )
+    return study
+
+
+def _start(plan: StagePlan, study: optuna.Study) -> None:
+    """Record the stage's plan with it, and enqueue its first trials."""
+    attrs = {
+        "stage": plan.stage,
+        "stage_index": plan.index,
+        "study": plan.study.name,
+        "metric": plan.study.metric,
+        "searches": list(plan.space.keys),
+        "fixed": plan.fixed,
+        "lineage": plan.lineage_dict(),
+        "study_config": plan.study.as_dict(),
+        "tuner_version": __version__,
+    }
+    for key, value in attrs.items():
+        study.set_user_attr(key, _plain(value))
+    if plan.space.grid:
+        for point in search_spaces.grid_points(plan.space, plan.incumbent):
+            study.enqueue_trial(point)
+    else:
+        study.enqueue_trial(search_spaces.params_of(plan.space, plan.incumbent))
+
+
+def _refuse_if_stale(plan: StagePlan, existing: optuna.Study) -> None:
+    changed = stale_keys(plan, existing.user_attrs.get("lineage", {}))
+    if not changed:
+        return
+    stored = existing.user_attrs.get("lineage", {})
+    key = changed[0]
+    was = Source.from_dict(stored[key]).label if key in stored else "nothing"
+    raise StageRefused(
+        f"Stage {plan.stage} is stale: its {key} came from {was} when it ran, and now comes"
+        f" from {plan.lineage[key].label}. Start it again with"
+        f" `{rerun_command(plan.study, plan.stage, 'restart=true')}` (its"
+        f" {len(existing.trials)} trials are deleted)."
+    )
+
+
+def _seed(plan: StagePlan, n_before: int) -> int:
+    # A resumed stage must not replay the random start-up trials of its first session.
+    return int(plan.incumbent.get("seed", 0) or 0) * 10_007 + plan.index * 101 + n_before
+
+
+def _header(plan: StagePlan, budget: Budget, done: int, out: Print) -> None:
+    fixed = ", ".join(
+        f"{k}={_short(v)} ({plan.lineage[k].label})" for k, v in plan.fixed.items()
+    ) or "nothing"
+    limit = f", at most {budget.timeout:.0f}s" if budget.timeout else ""
+    out(
+        f"== stage {plan.index + 1}/{len(plan.study.stages)} {plan.stage}"
+        f" ({plan.name}): {budget.trials} trials{limit}, {done} finished before"
+    )
+    out(f"   searches {', '.join(plan.space.keys) or 'nothing'}; fixed: {fixed}")
+
+
+# --- a run -------------------------------------------------------------------------------------------
+
+
+def stage_budgets(
+    study: StudyConfig, stages: tuple[str, ...], trials: int | None
+) -> dict[str, int]:
+    """Trials per stage: the study's, or a run's ``trials=`` shared as the study says."""
+    if trials is None:
+        return {s: study.trials[s] for s in stages}
+    if len(stages) == 1:
+        return {stages[0]: trials}
+    total = sum(study.share[s] for s in stages)
+    return {s: max(1, round(trials * study.share[s] / total)) for s in stages}
+
+
+def stage_timeout(
+    study: StudyConfig, stage: str, remaining_stages: tuple[str, ...], left: float | None
+) -> float | None:
+    """A stage's share of the time left; what a stage leaves unused flows to the next."""
+    if left is None:
+        return None
+    total = sum(study.share[s] for s in remaining_stages)
+    return max(1.0, left * study.share[stage] / total)
+
+
+def run(
+    study: StudyConfig,
+    *,
+    stage: str | None = None,
+    trials: int | None = None,
+    timeout: float | None = None,
+    restart: bool = False,
+    out: Print = print,
+) -> list[optuna.Study]:
+    """Run one stage, or all stages in order; nothing is written before the plan holds."""
+    stages = (stage,) if stage else study.stages
+    fn = load_objective(study.objective)
+    storage = storages.open_existing(study.storage)
+    plan_stage(study, stages[0], best_of(storage, study))  # refuses before anything is created
+    if storage is None:
+        storage = storages.open_storage(study.storage)
+    budgets = stage_budgets(study, stages, trials)
+    if timeout is None and study.timeout is not None:
+        timeout = study.timeout if not stage else study.timeout * study.share[stage] / sum(
+            study.share.values()
+        )
+    deadline = None if timeout is None else time.monotonic() + timeout
+    ran = []
+    for i, name in enumerate(stages):
+        plan = plan_stage(study, name, best_of(storage, study))
+        left = None if deadline is None else deadline - time.monotonic()
+        budget = Budget(budgets[name], stage_timeout(study, name, stages[i:], left))
+        ran.append(run_stage(plan, storage, fn, budget, restart=restart, out=out))
+    return ran
