@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from tuner import yamlio
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
     FloatDistribution,
     IntDistribution,
 )
+
+from tuner import yamlio
 
 SPACES_DIR = Path(__file__).resolve().parent
 
@@ -190,8 +191,10 @@ def _param(where: str, key: str, spec: Any) -> Param:
     unknown = set(spec) - _FIELDS
     if unknown:
         raise SearchSpaceError(f"{where}: unknown fields {sorted(unknown)}.")
-    when = {k: tuple(v) if isinstance(v, list) else (v,) for k, v in (spec.get("when") or {}).items()}
-    common = {"key": key, "per": spec.get("per"), "when": when}
+    when = {
+        k: tuple(v) if isinstance(v, list) else (v,) for k, v in (spec.get("when") or {}).items()
+    }
+    common: dict[str, Any] = {"key": key, "per": spec.get("per"), "when": when}
     if "powers_of_two" in spec:
         return Param(choices=_powers_of_two(where, spec["powers_of_two"]), **common)
     if "choices" in spec:
@@ -211,13 +214,20 @@ def _param(where: str, key: str, spec: Any) -> Param:
 
 
 def _range(where: str, spec: Mapping[str, Any], common: dict[str, Any]) -> Param:
-    low, high, log, step = spec.get("low"), spec.get("high"), bool(spec.get("log")), spec.get("step")
+    low, high, log, step = (
+        spec.get("low"),
+        spec.get("high"),
+        bool(spec.get("log")),
+        spec.get("step"),
+    )
     for name, value in (("low", low), ("high", high)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SearchSpaceError(f"{where}: {name} must be a number, got {value!r}.")
     assert low is not None and high is not None
     if low > high:
-        raise SearchSpaceError(f"{where}: low must be at most high, but got low={low} > high={high}.")
+        raise SearchSpaceError(
+            f"{where}: low must be at most high, but got low={low} > high={high}."
+        )
     if log and low <= 0:
         raise SearchSpaceError(f"{where}: a log range needs low > 0, but got low={low}.")
     if log and step is not None:
@@ -237,12 +247,17 @@ def _powers_of_two(where: str, bounds: Any) -> tuple[int, ...]:
 
 
 def _is_power_of_two(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0 and not value & (value - 1)
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value > 0
+        and not value & (value - 1)
+    )
 
 
 def _suggest(trial: optuna.trial.BaseTrial, name: str, dist: BaseDistribution) -> Any:
     if isinstance(dist, CategoricalDistribution):
-        return trial.suggest_categorical(name, dist.choices)  # type: ignore[arg-type]
+        return trial.suggest_categorical(name, dist.choices)
     if isinstance(dist, IntDistribution):
         return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
     assert isinstance(dist, FloatDistribution)

@@ -144,7 +144,7 @@ def test_a_stage_is_refused_when_upstream_changed_and_restart_runs_it_anew(study
     run(fixed, "lr", quadratic, 12)  # more lr trials: a better lr turns up
     storage = storages.open_storage(fixed.storage)
     assert best_trial(optuna.load_study(study_name="mnist1d_cnn/lr", storage=storage)).number > 1
-    with pytest.raises(StageRefused, match="stale.*restart=true"):
+    with pytest.raises(StageRefused, match=r"stale.*restart=true"):
         run(fixed, "optimizer", lambda c, r: {"accuracy": 0.5}, 2)
     s = run(fixed, "optimizer", lambda c, r: {"accuracy": 0.5}, 2, restart=True)
     assert len(s.trials) == 2

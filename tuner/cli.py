@@ -75,7 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tuner: {storages.mask(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("tuner: interrupted; finished trials are kept, run again to resume.", file=sys.stderr)
+        print(
+            "tuner: interrupted; finished trials are kept, run again to resume.", file=sys.stderr
+        )
         return 130
 
 

@@ -203,7 +203,9 @@ def check(study: StudyConfig) -> None:
         )
     sampler = study.sampler.get("name", "tpe")
     if sampler not in SAMPLERS:
-        raise UserError(f"{src}: sampler.name must be one of {', '.join(SAMPLERS)}, got '{sampler}'.")
+        raise UserError(
+            f"{src}: sampler.name must be one of {', '.join(SAMPLERS)}, got '{sampler}'."
+        )
     pruner = study.pruner.get("name", "median")
     if pruner not in PRUNERS:
         raise UserError(f"{src}: pruner.name must be one of {', '.join(PRUNERS)}, got '{pruner}'.")
@@ -315,9 +317,7 @@ def _did_you_mean(key: str, known: Iterable[str]) -> str:
 def _reject_unknown(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
     for key in data:
         if key not in allowed:
-            raise UserError(
-                f"{where}: unknown key '{key}'{_did_you_mean(str(key), allowed)}."
-            )
+            raise UserError(f"{where}: unknown key '{key}'{_did_you_mean(str(key), allowed)}.")
 
 
 def _positive_int(value: Any, key: str, src: str) -> int:

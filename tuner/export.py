@@ -25,13 +25,17 @@ def best_config(study: StudyConfig, stage: str | None = None) -> dict[str, Any]:
     """The export document of the last stage with a finished trial (or of ``stage``)."""
     storage = storages.open_existing(study.storage)
     if stage is not None and stage not in study.stages:
-        raise UserError(f"Unknown stage '{stage}'; this study's stages: {', '.join(study.stages)}.")
+        raise UserError(
+            f"Unknown stage '{stage}'; this study's stages: {', '.join(study.stages)}."
+        )
     candidates = [stage] if stage else list(reversed(study.stages))
     for name in candidates:
         found = storages.load(storage, study.stage_name(name))
         trial = best_trial(found) if found is not None else None
         if found is not None and trial is not None:
-            return _document(study, name, found.user_attrs, trial.number, trial.value, trial.user_attrs)
+            return _document(
+                study, name, found.user_attrs, trial.number, trial.value, trial.user_attrs
+            )
     which = f"stage {stage}" if stage else f"study {study.name}"
     raise UserError(
         f"Nothing to export: {which} has no finished trial in {storages.mask(study.storage)};"
@@ -77,11 +81,7 @@ def _document(
             "trial": number,
             "value": value,
             "stages": ordered,
-            "values": {
-                key: values[key].label
-                for key in flatten(config)
-                if key in values
-            },
+            "values": {key: values[key].label for key in flatten(config) if key in values},
             "tuner_version": __version__,
             "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         },

@@ -25,7 +25,9 @@ def load_objective(spec: str) -> Objective:
     """Import ``module:function``; the current folder is importable, like ``python -m``."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise UserError(f"objective must be 'module:function' (like objectives:train), got '{spec}'.")
+        raise UserError(
+            f"objective must be 'module:function' (like objectives:train), got '{spec}'."
+        )
     cwd = str(Path.cwd())
     if cwd not in sys.path:
         sys.path.insert(0, cwd)

@@ -97,7 +97,9 @@ def plan_stage(study: StudyConfig, stage: str, best_of: BestOf) -> StagePlan:
     not set by hand.
     """
     if stage not in study.stages:
-        raise UserError(f"Unknown stage '{stage}'; this study's stages: {', '.join(study.stages)}.")
+        raise UserError(
+            f"Unknown stage '{stage}'; this study's stages: {', '.join(study.stages)}."
+        )
     index = study.stages.index(stage)
     earlier = study.stages[:index]
     hand = set(flatten(study.overrides))
@@ -120,8 +122,10 @@ def plan_stage(study: StudyConfig, stage: str, best_of: BestOf) -> StagePlan:
         assert source is not None
         fixed[key] = get_path(source.config, key)
         own = searcher == source.stage
-        lineage[key] = Source(source.stage, source.number, source.value) if own else (
-            source.lineage.get(key, Source())
+        lineage[key] = (
+            Source(source.stage, source.number, source.value)
+            if own
+            else (source.lineage.get(key, Source()))
         )
     space = load_space(study, stage)
     for key in hand & {*searched_by, *space.keys}:

@@ -71,7 +71,7 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     return pick(complete, key=lambda t: (t.value, -t.number))  # ties: the earlier trial
 
 
-# --- samplers and pruners ----------------------------------------------------------------------
+# --- samplers and pruners --------------------------------------------------------------------
 
 
 def make_sampler(study: StudyConfig, seed: int) -> optuna.samplers.BaseSampler:
@@ -106,7 +106,7 @@ def make_pruner(study: StudyConfig, max_epochs: int) -> optuna.pruners.BasePrune
         raise UserError(f"pruner {name}: {exc}") from None
 
 
-# --- one trial -------------------------------------------------------------------------------------
+# --- one trial -------------------------------------------------------------------------------
 
 
 class _Report:
@@ -150,7 +150,9 @@ def make_objective(plan: StagePlan, fn: Objective) -> Callable[[optuna.Trial], f
 def _score(trial: optuna.Trial, result: Mapping[str, Any], metric: str, seconds: float) -> float:
     """Record a trial's result; its value, or PRUNED where it diverged or ran out of memory."""
     if not isinstance(result, Mapping):
-        raise TypeError(f"the objective must return a dict of metrics, got {type(result).__name__}")
+        raise TypeError(
+            f"the objective must return a dict of metrics, got {type(result).__name__}"
+        )
     record = {k: _plain(v) for k, v in result.items() if k not in ("model", "test")}
     record["trial_seconds"] = round(seconds, 3)
     for key, value in record.items():
@@ -178,7 +180,7 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-# --- one stage -------------------------------------------------------------------------------------
+# --- one stage -------------------------------------------------------------------------------
 
 
 @dataclass
@@ -202,7 +204,9 @@ class _Progress:
         state = trial.state.name
         value = f"{metric}={trial.value:.4f}" if trial.value is not None else ""
         best = best_trial(study)
-        best_text = f"best {best.value:.4f} (#{best.number})" if best is not None else "no best yet"
+        best_text = (
+            f"best {best.value:.4f} (#{best.number})" if best is not None else "no best yet"
+        )
         reason = _why(trial)
         params = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
         seconds = trial.duration.total_seconds() if trial.duration else 0.0
@@ -212,7 +216,10 @@ class _Progress:
         )
         if trial.state == TrialState.FAIL:
             self.failures.append(str(trial.user_attrs.get("error", "unknown error")))
-            if len(self.failures) >= FAILURE_STREAK and len(set(self.failures[-FAILURE_STREAK:])) == 1:
+            if (
+                len(self.failures) >= FAILURE_STREAK
+                and len(set(self.failures[-FAILURE_STREAK:])) == 1
+            ):
                 study.stop()
         else:
             self.failures.clear()
@@ -255,7 +262,7 @@ def run_stage(
         storage=storage,
         sampler=make_sampler(plan.study, _seed(plan, n_before)),
         pruner=make_pruner(plan.study, int(plan.incumbent.get("epochs", 1) or 1)),
-        direction=plan.study.direction,
+        direction=optuna.study.StudyDirection[plan.study.direction.upper()],
         load_if_exists=True,
     )
     if not study.trials:
@@ -263,8 +270,10 @@ def run_stage(
     done = sum(1 for t in study.trials if t.state in FINISHED)
     _header(plan, budget, done, out)
     if done >= budget.trials:
-        out(f"  stage {plan.stage} has {done}/{budget.trials} finished trials already"
-            f" (raise trials= to run more).")
+        out(
+            f"  stage {plan.stage} has {done}/{budget.trials} finished trials already"
+            f" (raise trials= to run more)."
+        )
         return study
     progress = _Progress(plan, budget, out)
     study.optimize(
@@ -329,9 +338,10 @@ def _seed(plan: StagePlan, n_before: int) -> int:
 
 
 def _header(plan: StagePlan, budget: Budget, done: int, out: Print) -> None:
-    fixed = ", ".join(
-        f"{k}={_short(v)} ({plan.lineage[k].label})" for k, v in plan.fixed.items()
-    ) or "nothing"
+    fixed = (
+        ", ".join(f"{k}={_short(v)} ({plan.lineage[k].label})" for k, v in plan.fixed.items())
+        or "nothing"
+    )
     limit = f", at most {budget.timeout:.0f}s" if budget.timeout else ""
     out(
         f"== stage {plan.index + 1}/{len(plan.study.stages)} {plan.stage}"
@@ -340,7 +350,7 @@ def _header(plan: StagePlan, budget: Budget, done: int, out: Print) -> None:
     out(f"   searches {', '.join(plan.space.keys) or 'nothing'}; fixed: {fixed}")
 
 
-# --- a run -------------------------------------------------------------------------------------------
+# --- a run -----------------------------------------------------------------------------------
 
 
 def stage_budgets(
@@ -383,8 +393,10 @@ def run(
         storage = storages.open_storage(study.storage)
     budgets = stage_budgets(study, stages, trials)
     if timeout is None and study.timeout is not None:
-        timeout = study.timeout if not stage else study.timeout * study.share[stage] / sum(
-            study.share.values()
+        timeout = (
+            study.timeout
+            if not stage
+            else study.timeout * study.share[stage] / sum(study.share.values())
         )
     deadline = None if timeout is None else time.monotonic() + timeout
     ran = []

@@ -76,7 +76,9 @@ def render(study: StudyConfig, rows: list[StageStatus]) -> str:
     head = (
         f"study {study.name} ({storages.mask(study.storage)}): {study.metric}, {study.direction}"
     )
-    table = [("stage", "finished", "complete", "pruned", "failed", f"best {study.metric}", "trial")]
+    table = [
+        ("stage", "finished", "complete", "pruned", "failed", f"best {study.metric}", "trial")
+    ]
     for r in rows:
         if not r.exists:
             table.append((r.stage, f"0/{r.budget}", "-", "-", "-", "-", "-"))
@@ -100,10 +102,13 @@ def _details(study: StudyConfig, r: StageStatus) -> list[str]:
     if not r.exists:
         return [f"{r.stage}: not started (`{rerun_command(study, r.stage)}`)"]
     params = ", ".join(f"{k}={_fmt(v)}" for k, v in r.best_params.items()) or "-"
-    fixed = ", ".join(
-        f"{k}={_fmt(v)} ({r.lineage[k].label if k in r.lineage else '?'})"
-        for k, v in r.fixed.items()
-    ) or "nothing"
+    fixed = (
+        ", ".join(
+            f"{k}={_fmt(v)} ({r.lineage[k].label if k in r.lineage else '?'})"
+            for k, v in r.fixed.items()
+        )
+        or "nothing"
+    )
     lines = [f"{r.stage}: best {params}", f"{' ' * len(r.stage)}  fixed {fixed}"]
     if r.running:
         lines.append(f"{' ' * len(r.stage)}  {r.running} trial(s) running now")

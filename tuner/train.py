@@ -54,7 +54,10 @@ def train(
     }
     (folder / "metrics.yaml").write_text(yamlio.dumps(summary), encoding="utf-8")
     value, test_value = result.get(metric), (result.get("test") or {}).get(metric)
-    print_(f"validation {metric} {_fmt(value)} (tuned: {_fmt(tuned)}); test {metric} {_fmt(test_value)}")
+    print_(
+        f"validation {metric} {_fmt(value)} (tuned: {_fmt(tuned)});"
+        f" test {metric} {_fmt(test_value)}"
+    )
     print_(f"saved {folder / 'metrics.yaml'}" + (f" and {saved}" if saved else ""))
     return summary
 

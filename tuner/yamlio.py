@@ -43,7 +43,7 @@ class _Dumper(yaml.SafeDumper):
 def loads(text: str, source: str = "<text>") -> Any:
     """Parse YAML text; a syntax error names the source and the line."""
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -68,7 +68,7 @@ def parse_value(text: str) -> Any:
     if text.strip() == "":
         return ""
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
     except yaml.YAMLError:
         return text  # not YAML (e.g. "a: b: c"): keep the plain string
 

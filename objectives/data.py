@@ -1,0 +1,189 @@
+"""Data sets as standardized tensors on the device: train / validation, and test on request."""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from objectives._choice import choose
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test
+MNIST1D_SEED = 42  # the generator seed of the published MNIST-1D
+DIGITS_TEST_SEED = 0  # digits has no test split of its own: carve one, the same for every trial
+
+
+@dataclass(frozen=True)
+class Split:
+    """Inputs ``x`` (N, L) float32 and integer labels ``y`` (N,), on one device."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Data:
+    """The training and validation splits and what a model and the test split need to know."""
+
+    train: Split
+    val: Split
+    num_classes: int
+    mean: float  # standardization statistics of the training split, reused for the others
+    std: float
+
+
+def load(data: Mapping[str, Any], seed: int, device: torch.device) -> Data:
+    """Carve a stratified validation split from the training data, standardize, move to device.
+
+    The split is fixed by ``seed``; the mean and std come from the training split only.
+    The test split is not read here (see ``load_test``).
+
+    Example:
+        >>> d = load({"name": "digits", "num_samples": 0, "val_fraction": 0.1}, 0, torch.device("cpu"))
+        >>> d.train.x.shape, d.val.x.shape, d.num_classes
+        (torch.Size([1293, 64]), torch.Size([144, 64]), 10)
+
+    Args:
+        data: The ``data`` block of a trial config: name, num_samples, val_fraction.
+        seed: The trial seed.
+        device: Where the tensors live.
+    """
+    fraction = float(data["val_fraction"])
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1) but got {data['val_fraction']!r}.")
+    x, y = train_arrays(data)
+    train_idx, val_idx = stratified_split(y, fraction, seed)
+    mean, std = standardization(x[train_idx])
+    return Data(
+        train=_to_split(x[train_idx], y[train_idx], mean, std, device),
+        val=_to_split(x[val_idx], y[val_idx], mean, std, device),
+        num_classes=int(y.max()) + 1,
+        mean=mean,
+        std=std,
+    )
+
+
+def load_test(data: Mapping[str, Any], stats: Data, device: torch.device) -> Split:
+    """The test split, standardized with the training statistics of ``stats``."""
+    x, y = test_arrays(data)
+    return _to_split(x, y, stats.mean, stats.std, device)
+
+
+def train_arrays(data: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The training inputs and labels of the configured data set (validation included)."""
+    x_train, y_train, _, _ = _arrays(data)
+    return x_train, y_train
+
+
+def test_arrays(data: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out test inputs and labels; only final training reads them."""
+    _, _, x_test, y_test = _arrays(data)
+    return x_test, y_test
+
+
+def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, held out) with every class in the same proportion on both sides."""
+    indices = np.arange(len(y))
+    train_idx, held_idx = train_test_split(
+        indices, test_size=fraction, stratify=y, random_state=seed
+    )
+    return np.sort(train_idx), np.sort(held_idx)
+
+
+def standardization(x: np.ndarray) -> tuple[float, float]:
+    """One mean and std over all values: features share units (signal, pixel intensity), and
+    per-feature scaling would blow up near-constant border pixels and break shift invariance."""
+    std = float(x.std())
+    return float(x.mean()), std if std > 0 else 1.0
+
+
+def cache_dir() -> Path:
+    """Where generated data sets are kept: ``$TUNER_CACHE_DIR``, else ``~/.cache/tuner``."""
+    return Path(os.environ.get("TUNER_CACHE_DIR") or Path.home() / ".cache" / "tuner")
+
+
+def _arrays(data: Mapping[str, Any]) -> Arrays:
+    make = choose("data.name", data["name"], DATASETS)
+    return make(int(data["num_samples"]))
+
+
+def _to_split(x: np.ndarray, y: np.ndarray, mean: float, std: float, device: torch.device) -> Split:
+    inputs = torch.as_tensor((x - mean) / std, dtype=torch.float32)
+    return Split(inputs.to(device), torch.as_tensor(y, dtype=torch.int64).to(device))
+
+
+@functools.lru_cache(maxsize=4)
+def mnist1d(num_samples: int) -> Arrays:
+    """MNIST-1D generated locally (never downloaded), cached in-process and on disk."""
+    if num_samples < 10:
+        raise ValueError(f"data.num_samples must be at least 10 but got {num_samples}.")
+    path = cache_dir() / f"mnist1d_n{num_samples}_seed{MNIST1D_SEED}.npz"
+    try:
+        with np.load(path) as f:
+            return _read_only((f["x"], f["y"], f["x_test"], f["y_test"]))
+    except (OSError, ValueError, KeyError):
+        pass  # missing or unreadable (e.g. an interrupted write elsewhere): generate it
+    arrays = _generate_mnist1d(num_samples)
+    _save_atomically(path, dict(zip(("x", "y", "x_test", "y_test"), arrays)))
+    return _read_only(arrays)
+
+
+def _generate_mnist1d(num_samples: int) -> Arrays:
+    from mnist1d.data import get_dataset_args, make_dataset  # slow import (matplotlib)
+
+    args = get_dataset_args()
+    args.num_samples = num_samples  # seed stays 42: the first 5000 are the published set
+    # make_dataset seeds numpy's and random's global generators; leave the caller's as they were.
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        d = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return (d["x"].astype(np.float32), d["y"].astype(np.int64),
+            d["x_test"].astype(np.float32), d["y_test"].astype(np.int64))
+
+
+def _save_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+            np.savez(f, **arrays)
+        os.replace(f.name, path)
+    except OSError:
+        pass  # a read-only or full disk only costs the next process a regeneration
+
+
+@functools.lru_cache(maxsize=1)
+def digits(num_samples: int = 0) -> Arrays:
+    """sklearn's bundled 8x8 digits (1797 samples, all of them: ``num_samples`` is ignored),
+    with a fixed stratified 20% test split."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32) / 16.0  # pixel intensities 0..16
+    train_idx, test_idx = stratified_split(y, 0.2, DIGITS_TEST_SEED)
+    return _read_only((x[train_idx], y[train_idx].astype(np.int64),
+                       x[test_idx], y[test_idx].astype(np.int64)))
+
+
+def _read_only(arrays: Arrays) -> Arrays:
+    for a in arrays:
+        a.flags.writeable = False  # cached and shared between trials: nobody may edit them
+    return arrays
+
+
+DATASETS: dict[str, Callable[[int], Arrays]] = {
+    "mnist1d": mnist1d,
+    "digits": lambda num_samples: digits(),
+}
