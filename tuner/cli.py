@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tuner import __version__
+from tuner import __version__, signals
 from tuner import storage as storages
 from tuner.config import DEFAULT_STUDY, Overrides, apply_overrides, load_study, parse_pairs
 from tuner.errors import StageFailed, UserError
@@ -29,12 +29,17 @@ commands:
   status    a table of the stages: trials, best value and params, fixed values and their source
   export    write the best config, complete and with its provenance, as YAML (out=best.yaml)
   train     train an exported config and score the test split once (config=best.yaml)
+  dashboard optuna-dashboard on the study's storage, with the best trials' weights (127.0.0.1)
+  report    one self-contained HTML file (out=report.html) of the results, or format=csv
 
 keys (any command): study=NAME|FILE (default {DEFAULT_STUDY}), storage=URL
-run:    stage=NAME trials=N timeout=SECONDS restart=true threads=N, and any config key
+run:    stage=NAME trials=N timeout=SECONDS restart=true workers=N threads=N heartbeat=SECONDS,
+        and any config key
         of the study (lr=1e-3, batch_size=64, model.width=64, epochs=20, seed=1, ...)
 export: out=FILE stage=NAME
 train:  config=FILE out=FOLDER threads=N, and any config key of the exported config
+dashboard: port=8080 host=127.0.0.1 artifacts=FOLDER (default: tuner_artifacts/ by the db)
+report: out=FILE format=html|csv
 
 examples:
   python -m tuner run
@@ -42,14 +47,26 @@ examples:
   python -m tuner status
   python -m tuner export out=best.yaml
   python -m tuner train config=best.yaml
-  optuna-dashboard sqlite:///tuner.db
+  python -m tuner dashboard
+  python -m tuner report out=report.html
 """
 
-COMMON: dict[str, type | tuple[type, ...]] = {"study": str}
+DEFAULT_THREADS = 1  # torch threads per process: several workers share 2 cores, and
+# tuning and `train` must run alike for the tuned validation value to come back exactly
 OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "run": {"stage": str, "trials": int, "timeout": (float, int), "restart": bool, "threads": int},
+    "run": {
+        "stage": str,
+        "trials": int,
+        "timeout": (float, int),
+        "restart": bool,
+        "workers": int,
+        "threads": int,
+        "heartbeat": (float, int),
+    },
     "status": {},
     "export": {"out": str, "stage": str},
+    "dashboard": {"port": int, "host": str, "artifacts": str},
+    "report": {"out": str, "format": str},
 }
 
 
@@ -63,9 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tuner {__version__}")
         return 0
     _quiet_libraries()
+    signals.install()
     command, rest = args[0], args[1:]
     handlers: dict[str, Callable[[list[str]], int]] = {
         "run": _run, "status": _status, "export": _export, "train": _train,
+        "dashboard": _dashboard, "report": _report,
     }  # fmt: skip
     try:
         if command not in handlers:
@@ -93,19 +112,28 @@ def _run(rest: list[str]) -> int:
 
     resolved = _resolve("run", rest)
     opts, study = resolved.options, resolved.study
-    _threads(opts.get("threads"))
+    workers = int(opts.get("workers", 1))
+    if workers < 1:
+        raise UserError(f"workers={workers}: workers must be at least 1.")
+    heartbeat = float(opts.get("heartbeat", storages.HEARTBEAT_SECONDS))
+    if heartbeat <= 0:
+        raise UserError(f"heartbeat={heartbeat:g}: heartbeat must be a number of seconds above 0.")
+    _threads(opts.get("threads", DEFAULT_THREADS))
     runner.run(
         study,
         stage=opts.get("stage"),
         trials=opts.get("trials"),
         timeout=opts.get("timeout"),
         restart=bool(opts.get("restart", False)),
+        workers=workers,
+        heartbeat=heartbeat,
+        out=_print,
     )
     print()
     print(status.render(study, status.collect(study)))
     print()
     print("next:")
-    study_arg = "" if study.name == DEFAULT_STUDY else f" study={study.source}"
+    study_arg = "" if study.name == DEFAULT_STUDY else f" study={study.arg}"
     print(f"  python -m tuner export{study_arg} out=best.yaml   # the best config as YAML")
     print("  python -m tuner train config=best.yaml         # train it, score the test split")
     print(f"  optuna-dashboard {storages.mask(study.storage)}        # look at the studies")
@@ -134,6 +162,31 @@ def _export(rest: list[str]) -> int:
     return 0
 
 
+def _dashboard(rest: list[str]) -> int:
+    from tuner import dashboard
+
+    resolved = _resolve("dashboard", rest)
+    opts = resolved.options
+    dashboard.serve(
+        resolved.study,
+        host=str(opts.get("host", "127.0.0.1")),
+        port=int(opts.get("port", 8080)),
+        artifacts=opts.get("artifacts"),
+    )
+    return 0
+
+
+def _report(rest: list[str]) -> int:
+    from tuner import report
+
+    resolved = _resolve("report", rest)
+    opts = resolved.options
+    path = report.make(resolved.study, opts.get("out"), opts.get("format"))
+    size = path.stat().st_size
+    print(f"wrote {path} ({size / 1e6:.1f} MB)" if size > 1e5 else f"wrote {path} ({size} bytes)")
+    return 0
+
+
 def _train(rest: list[str]) -> int:
     from tuner import export, train
 
@@ -143,9 +196,13 @@ def _train(rest: list[str]) -> int:
         raise UserError("train needs config=FILE, an exported config (python -m tuner export).")
     out = pairs.pop("out", "trained")
     threads = pairs.pop("threads", None)
-    _threads(_int_option("threads", threads))
+    _threads(_int_option("threads", threads) or DEFAULT_THREADS)
     train.train(export.read(config), out, pairs)
     return 0
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)  # worker processes write to the same stream
 
 
 def _int_option(key: str, text: str | None) -> int | None:

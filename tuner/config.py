@@ -108,6 +108,12 @@ class StudyConfig:
         # The built-in objectives read the metric they early-stop on from the config.
         return {"metric": self.metric, "direction": self.direction}
 
+    @property
+    def arg(self) -> str:
+        """What ``study=`` takes to name this study again: its name, or its file."""
+        bundled = Path(self.source).resolve().parent == STUDIES_DIR
+        return self.name if bundled and Path(self.source).stem == self.name else self.source
+
     def stage_name(self, stage: str) -> str:
         """The Optuna study name of a stage: ``<study>/<stage>``."""
         return f"{self.name}/{stage}"

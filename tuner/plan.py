@@ -150,7 +150,7 @@ def rerun_command(study: StudyConfig, stage: str, *extra: str) -> str:
     """The command that runs one stage of this study."""
     args = ["python -m tuner run"]
     if study.name != DEFAULT_STUDY:
-        args.append(f"study={study.source}")
+        args.append(f"study={study.arg}")
     args.append(f"stage={stage}")
     return " ".join([*args, *extra])
 

@@ -9,6 +9,8 @@ its budget when it is run again.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -19,7 +21,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 import search_spaces
-from tuner import __version__
+from tuner import __version__, signals
 from tuner import storage as storages
 from tuner.config import StudyConfig, merged
 from tuner.errors import StageFailed, StageRefused, UserError
@@ -28,6 +30,9 @@ from tuner.plan import Best, BestOf, Source, StagePlan, plan_stage, rerun_comman
 
 Print = Callable[[str], None]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+SURPLUS = "surplus"  # stop_reason of a trial that found the budget taken when it started
+POLL_SECONDS = 1.0  # how often a worker with nothing to start looks for retried trials
 FAILURE_STREAK = 5  # this many failed trials in a row stop a stage: the error is not bad luck
 # Stop reasons after which a trial is PRUNED rather than COMPLETE: the sampler learns to
 # avoid the region (TPE ignores FAILed trials).
@@ -125,11 +130,20 @@ class _Report:
             raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
 
-def make_objective(plan: StagePlan, fn: Objective) -> Callable[[optuna.Trial], float]:
-    """The Optuna objective of a stage: draw, train, record, score."""
+def make_objective(
+    plan: StagePlan, fn: Objective, budget: int | None = None
+) -> Callable[[optuna.Trial], float]:
+    """The Optuna objective of a stage: draw, train, record, score.
+
+    With a budget, a trial that finds ``budget`` live trials before it (workers racing for
+    the last places) ends at once as a FAILed ``surplus`` trial: the budget is exact.
+    """
     metric = plan.study.metric
 
     def objective(trial: optuna.Trial) -> float:
+        if budget is not None and _claimed_before(trial) >= budget:
+            trial.set_user_attr("stop_reason", SURPLUS)
+            raise _Surplus(f"the stage's {budget} trials are taken by other workers")
         drawn = search_spaces.suggest(trial, plan.space, plan.incumbent)
         config = merged(plan.incumbent, drawn)
         trial.set_user_attr("config", config)
@@ -139,12 +153,27 @@ def make_objective(plan: StagePlan, fn: Objective) -> Callable[[optuna.Trial], f
             return _score(trial, result, metric, time.perf_counter() - started)
         except optuna.TrialPruned:
             raise
+        except KeyboardInterrupt:
+            signals.exit_on_next_interrupt()  # recording may hang; a second Ctrl-C ends it
+            trial.set_user_attr("stop_reason", "interrupted")
+            trial.set_user_attr("error", "interrupted (SIGINT or SIGTERM)")
+            raise
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
             trial.set_user_attr("traceback", traceback.format_exc(limit=-8))
             raise
 
     return objective
+
+
+class _Surplus(Exception):
+    """A trial that would exceed the stage's budget (another worker was faster)."""
+
+
+def _claimed_before(trial: optuna.Trial) -> int:
+    """Live trials (finished, running or waiting) numbered before this one."""
+    live = trial.study.get_trials(deepcopy=False, states=LIVE)
+    return sum(1 for t in live if t.number < trial.number)
 
 
 def _score(trial: optuna.Trial, result: Mapping[str, Any], metric: str, seconds: float) -> float:
@@ -198,7 +227,15 @@ class _Progress:
         self.plan, self.budget, self.out = plan, budget, out
         self.failures: list[str] = []
 
+    @property
+    def failing(self) -> bool:
+        """The last FAILURE_STREAK trials failed with one and the same error."""
+        recent = self.failures[-FAILURE_STREAK:]
+        return len(recent) == FAILURE_STREAK and len(set(recent)) == 1
+
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.user_attrs.get("stop_reason") == SURPLUS:
+            return
         done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
         metric = self.plan.study.metric
         state = trial.state.name
@@ -216,11 +253,6 @@ class _Progress:
         )
         if trial.state == TrialState.FAIL:
             self.failures.append(str(trial.user_attrs.get("error", "unknown error")))
-            if (
-                len(self.failures) >= FAILURE_STREAK
-                and len(set(self.failures[-FAILURE_STREAK:])) == 1
-            ):
-                study.stop()
         else:
             self.failures.clear()
 
@@ -240,6 +272,89 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def start_stage(
+    plan: StagePlan,
+    storage: optuna.storages.BaseStorage,
+    budget: Budget,
+    *,
+    restart: bool = False,
+    out: Print = print,
+) -> int:
+    """Create (or reopen) a stage's study, record its plan, enqueue its first trials, and
+    print its header; returns how many trials are finished already."""
+    existing = storages.load(storage, plan.name)
+    if existing is not None and restart:
+        optuna.delete_study(study_name=plan.name, storage=storage)
+        existing = None
+    if existing is not None and existing.trials:
+        _refuse_if_stale(plan, existing)
+    study = optuna.create_study(
+        study_name=plan.name,
+        storage=storage,
+        direction=optuna.study.StudyDirection[plan.study.direction.upper()],
+        load_if_exists=True,
+    )
+    if not study.trials:
+        _start(plan, study)
+    done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
+    _header(plan, budget, done, out)
+    if done >= budget.trials:
+        out(
+            f"  stage {plan.stage} has {done}/{budget.trials} finished trials already"
+            f" (raise trials= to run more)."
+        )
+    return done
+
+
+def work(
+    plan: StagePlan,
+    storage: optuna.storages.BaseStorage,
+    fn: Objective,
+    budget: Budget,
+    *,
+    deadline: float | None = None,
+    worker: int = 0,
+    out: Print = print,
+) -> optuna.Study:
+    """One worker's share of a stage: run trials until the stage has ``budget.trials``
+    finished ones, however many workers (here or on other machines) run beside it.
+
+    A worker with nothing to start waits while other trials run: if one of them fails, or
+    its worker dies (its heartbeat stops and the trial is retried), this worker takes it.
+    """
+    n_before = len(storages.load(storage, plan.name).trials)  # type: ignore[union-attr]
+    study = optuna.load_study(
+        study_name=plan.name,
+        storage=storage,
+        sampler=make_sampler(plan.study, _seed(plan, n_before, worker)),
+        pruner=make_pruner(plan.study, int(plan.incumbent.get("epochs", 1) or 1)),
+    )
+    progress = _Progress(plan, budget, out)
+    objective = make_objective(plan, fn, budget.trials)
+    while not progress.failing:
+        if deadline is not None and time.time() >= deadline:
+            break
+        trials = study.get_trials(deepcopy=False)
+        live = sorted((t for t in trials if t.state in LIVE), key=lambda t: t.number)
+        waiting = any(t.state == TrialState.WAITING for t in live[: budget.trials])
+        if len(live) < budget.trials or waiting:
+            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[progress])
+        elif any(t.state == TrialState.RUNNING for t in trials):
+            if storages.heartbeat_enabled(storage):
+                optuna.storages.fail_stale_trials(study)  # a dead worker's trial is retried
+            time.sleep(POLL_SECONDS)
+        else:
+            break
+    if progress.failing:
+        last = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL][-1]
+        out(str(last.user_attrs.get("traceback", "")).rstrip())
+        raise StageFailed(
+            f"Stage {plan.stage} stopped: {FAILURE_STREAK} trials in a row failed with"
+            f" {progress.failures[-1]}"
+        )
+    return study
+
+
 def run_stage(
     plan: StagePlan,
     storage: optuna.storages.BaseStorage,
@@ -249,50 +364,11 @@ def run_stage(
     restart: bool = False,
     out: Print = print,
 ) -> optuna.Study:
-    """Run (or resume) one stage until it has ``budget.trials`` finished trials."""
-    existing = storages.load(storage, plan.name)
-    if existing is not None and restart:
-        optuna.delete_study(study_name=plan.name, storage=storage)
-        existing = None
-    if existing is not None and existing.trials:
-        _refuse_if_stale(plan, existing)
-    n_before = len(existing.trials) if existing is not None else 0
-    study = optuna.create_study(
-        study_name=plan.name,
-        storage=storage,
-        sampler=make_sampler(plan.study, _seed(plan, n_before)),
-        pruner=make_pruner(plan.study, int(plan.incumbent.get("epochs", 1) or 1)),
-        direction=optuna.study.StudyDirection[plan.study.direction.upper()],
-        load_if_exists=True,
-    )
-    if not study.trials:
-        _start(plan, study)
-    done = sum(1 for t in study.trials if t.state in FINISHED)
-    _header(plan, budget, done, out)
-    if done >= budget.trials:
-        out(
-            f"  stage {plan.stage} has {done}/{budget.trials} finished trials already"
-            f" (raise trials= to run more)."
-        )
-        return study
-    progress = _Progress(plan, budget, out)
-    study.optimize(
-        make_objective(plan, fn),
-        timeout=budget.timeout,
-        catch=(Exception,),
-        callbacks=[
-            optuna.study.MaxTrialsCallback(budget.trials, states=FINISHED),
-            progress,
-        ],
-    )
-    if len(progress.failures) >= FAILURE_STREAK:
-        last = [t for t in study.trials if t.state == TrialState.FAIL][-1]
-        out(str(last.user_attrs.get("traceback", "")).rstrip())
-        raise StageFailed(
-            f"Stage {plan.stage} stopped: {FAILURE_STREAK} trials in a row failed with"
-            f" {progress.failures[-1]}"
-        )
-    return study
+    """Run (or resume) one stage in this process until it has ``budget.trials`` finished
+    trials."""
+    start_stage(plan, storage, budget, restart=restart, out=out)
+    deadline = None if budget.timeout is None else time.time() + budget.timeout
+    return work(plan, storage, fn, budget, deadline=deadline, out=out)
 
 
 def _start(plan: StagePlan, study: optuna.Study) -> None:
@@ -312,9 +388,11 @@ def _start(plan: StagePlan, study: optuna.Study) -> None:
         study.set_user_attr(key, _plain(value))
     if plan.space.grid:
         for point in search_spaces.grid_points(plan.space, plan.incumbent):
-            study.enqueue_trial(point)
+            study.enqueue_trial(point, skip_if_exists=True)
     else:
-        study.enqueue_trial(search_spaces.params_of(plan.space, plan.incumbent))
+        # skip_if_exists: workers on other machines may start the stage at the same moment.
+        params = search_spaces.params_of(plan.space, plan.incumbent)
+        study.enqueue_trial(params, skip_if_exists=True)
 
 
 def _refuse_if_stale(plan: StagePlan, existing: optuna.Study) -> None:
@@ -332,9 +410,11 @@ def _refuse_if_stale(plan: StagePlan, existing: optuna.Study) -> None:
     )
 
 
-def _seed(plan: StagePlan, n_before: int) -> int:
-    # A resumed stage must not replay the random start-up trials of its first session.
-    return int(plan.incumbent.get("seed", 0) or 0) * 10_007 + plan.index * 101 + n_before
+def _seed(plan: StagePlan, n_before: int, worker: int = 0) -> int:
+    # A resumed stage must not replay the random start-up trials of its first session, and
+    # parallel workers must not draw the same ones.
+    base = int(plan.incumbent.get("seed", 0) or 0) * 10_007 + plan.index * 101
+    return base + n_before + worker * 7_919
 
 
 def _header(plan: StagePlan, budget: Budget, done: int, out: Print) -> None:
@@ -382,27 +462,89 @@ def run(
     trials: int | None = None,
     timeout: float | None = None,
     restart: bool = False,
+    workers: int = 1,
+    heartbeat: float = storages.HEARTBEAT_SECONDS,
     out: Print = print,
-) -> list[optuna.Study]:
-    """Run one stage, or all stages in order; nothing is written before the plan holds."""
+) -> None:
+    """Run one stage, or all stages in order; nothing is written before the plan holds.
+
+    With ``workers`` > 1, each stage runs in that many processes (one torch thread each) on
+    the same storage, sharing the stage's budget; the next stage is planned when all are done.
+    """
     stages = (stage,) if stage else study.stages
-    fn = load_objective(study.objective)
     storage = storages.open_existing(study.storage)
     plan_stage(study, stages[0], best_of(storage, study))  # refuses before anything is created
-    if storage is None:
-        storage = storages.open_storage(study.storage)
+    fn = load_objective(study.objective)
+    storage = storages.open_storage(study.storage, heartbeat=heartbeat)
     budgets = stage_budgets(study, stages, trials)
     if timeout is None and study.timeout is not None:
-        timeout = (
-            study.timeout
-            if not stage
-            else study.timeout * study.share[stage] / sum(study.share.values())
-        )
-    deadline = None if timeout is None else time.monotonic() + timeout
-    ran = []
+        share = 1.0 if not stage else study.share[stage] / sum(study.share.values())
+        timeout = study.timeout * share
+    run_deadline = None if timeout is None else time.time() + timeout
     for i, name in enumerate(stages):
         plan = plan_stage(study, name, best_of(storage, study))
-        left = None if deadline is None else deadline - time.monotonic()
+        left = None if run_deadline is None else run_deadline - time.time()
         budget = Budget(budgets[name], stage_timeout(study, name, stages[i:], left))
-        ran.append(run_stage(plan, storage, fn, budget, restart=restart, out=out))
-    return ran
+        done = start_stage(plan, storage, budget, restart=restart, out=out)
+        if done >= budget.trials:
+            continue
+        deadline = None if budget.timeout is None else time.time() + budget.timeout
+        with _Workers(plan, budget, deadline, workers - 1, heartbeat) as helpers:
+            work(plan, storage, fn, budget, deadline=deadline, out=out)
+        helpers.check()
+
+
+class _Workers:
+    """Worker processes that run a stage beside this one (``workers=N``)."""
+
+    def __init__(
+        self, plan: StagePlan, budget: Budget, deadline: float | None, n: int, heartbeat: float
+    ) -> None:
+        context = multiprocessing.get_context("spawn")  # no forked torch or database state
+        self.processes = [
+            context.Process(
+                target=_worker_main,
+                args=(plan, budget, deadline, index, heartbeat),
+                name=f"tuner-worker-{index}",
+            )
+            for index in range(1, n + 1)
+        ]
+
+    def __enter__(self) -> _Workers:
+        for process in self.processes:
+            process.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for process in self.processes:
+            process.join()
+
+    def check(self) -> None:
+        """A worker that stopped on a failing stage fails the run the same way."""
+        codes = [p.exitcode for p in self.processes]
+        if any(code == signals.EXIT_STATUS for code in codes):
+            raise KeyboardInterrupt
+        failed = [code for code in codes if code]
+        if failed:
+            raise StageFailed(f"a worker process ended with exit status {failed[0]}")
+
+
+def _worker_main(
+    plan: StagePlan, budget: Budget, deadline: float | None, index: int, heartbeat: float
+) -> None:
+    """A worker process: one torch thread, the same stage, its own storage connection."""
+    import torch
+
+    torch.set_num_threads(1)
+    signals.install()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        storage = storages.open_storage(plan.study.storage, heartbeat=heartbeat)
+        fn = load_objective(plan.study.objective)
+        work(plan, storage, fn, budget, deadline=deadline, worker=index,
+             out=lambda line: print(line, flush=True))  # fmt: skip
+    except KeyboardInterrupt:
+        sys.exit(signals.EXIT_STATUS)
+    except (StageFailed, UserError) as exc:
+        print(f"tuner worker {index}: {storages.mask(str(exc))}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)

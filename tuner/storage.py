@@ -40,9 +40,19 @@ def exists(url: str) -> bool:
     return path is None or path.is_file()
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+HEARTBEAT_SECONDS = 10  # a running trial's worker writes a heartbeat this often
+MISSED_HEARTBEATS = 3  # a trial silent for this many heartbeats is failed, and retried
+MAX_RETRY = 2  # retries of one trial whose worker died
+
+
+def open_storage(url: str, heartbeat: float | None = None) -> optuna.storages.BaseStorage:
     """Open (and, for SQLite, create) a storage; a bad URL or a server that cannot be reached
-    is a UserError naming the URL with its password masked."""
+    is a UserError naming the URL with its password masked.
+
+    With ``heartbeat`` (seconds), running trials send heartbeats; the trials of a worker that
+    died (no heartbeat for MISSED_HEARTBEATS beats) are failed and retried with the same
+    parameters, up to MAX_RETRY times.
+    """
     parsed = _parse(url)
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     path = sqlite_path(url)
@@ -54,7 +64,16 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     elif parsed.drivername.startswith("postgresql"):
         kwargs["connect_args"] = {"connect_timeout": 10}
     try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        beats: dict[str, Any] = {}
+        if heartbeat is not None:
+            beats = {
+                "heartbeat_interval": max(1, round(heartbeat)),
+                "grace_period": max(2, round(heartbeat * MISSED_HEARTBEATS)),
+                "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=MAX_RETRY
+                ),
+            }
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **beats)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
         reason = mask(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         raise UserError(f"Cannot open storage {mask(url)}: {reason}") from None
@@ -76,6 +95,11 @@ def _tune_sqlite(engine: sqlalchemy.engine.Engine) -> None:
 
     sqlalchemy.event.listen(engine, "connect", on_connect)
     engine.dispose()  # connections made while creating the tables predate the listener
+
+
+def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
+    """Whether running trials of this storage send heartbeats."""
+    return getattr(storage, "heartbeat_interval", None) is not None
 
 
 def open_existing(url: str) -> optuna.storages.BaseStorage | None:
