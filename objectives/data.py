@@ -6,6 +6,7 @@ import functools
 import os
 import random
 import tempfile
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,8 @@ def load(data: Mapping[str, Any], seed: int, device: torch.device) -> Data:
     The test split is not read here (see ``load_test``).
 
     Example:
-        >>> d = load({"name": "digits", "num_samples": 0, "val_fraction": 0.1}, 0, torch.device("cpu"))
+        >>> spec = {"name": "digits", "num_samples": 0, "val_fraction": 0.1}
+        >>> d = load(spec, seed=0, device=torch.device("cpu"))
         >>> d.train.x.shape, d.val.x.shape, d.num_classes
         (torch.Size([1293, 64]), torch.Size([144, 64]), 10)
 
@@ -57,11 +59,9 @@ def load(data: Mapping[str, Any], seed: int, device: torch.device) -> Data:
         seed: The trial seed.
         device: Where the tensors live.
     """
-    fraction = float(data["val_fraction"])
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in (0, 1) but got {data['val_fraction']!r}.")
+    check_data(data)
     x, y = train_arrays(data)
-    train_idx, val_idx = stratified_split(y, fraction, seed)
+    train_idx, val_idx = stratified_split(y, float(data["val_fraction"]), seed)
     mean, std = standardization(x[train_idx])
     return Data(
         train=_to_split(x[train_idx], y[train_idx], mean, std, device),
@@ -70,6 +70,13 @@ def load(data: Mapping[str, Any], seed: int, device: torch.device) -> Data:
         mean=mean,
         std=std,
     )
+
+
+def check_data(data: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` for an unknown data set or an impossible split."""
+    choose("data.name", data["name"], DATASETS)
+    if not 0.0 < float(data["val_fraction"]) < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1) but got {data['val_fraction']!r}.")
 
 
 def load_test(data: Mapping[str, Any], stats: Data, device: torch.device) -> Split:
@@ -113,12 +120,14 @@ def cache_dir() -> Path:
 
 def _arrays(data: Mapping[str, Any]) -> Arrays:
     make = choose("data.name", data["name"], DATASETS)
-    return make(int(data["num_samples"]))
+    return make(int(data.get("num_samples", 0)))  # digits has a fixed size
 
 
-def _to_split(x: np.ndarray, y: np.ndarray, mean: float, std: float, device: torch.device) -> Split:
-    inputs = torch.as_tensor((x - mean) / std, dtype=torch.float32)
-    return Split(inputs.to(device), torch.as_tensor(y, dtype=torch.int64).to(device))
+def _to_split(
+    x: np.ndarray, y: np.ndarray, mean: float, std: float, device: torch.device
+) -> Split:
+    inputs = torch.tensor((x - mean) / std, dtype=torch.float32)  # copies: the cache stays put
+    return Split(inputs.to(device), torch.tensor(y, dtype=torch.int64).to(device))
 
 
 @functools.lru_cache(maxsize=4)
@@ -130,10 +139,10 @@ def mnist1d(num_samples: int) -> Arrays:
     try:
         with np.load(path) as f:
             return _read_only((f["x"], f["y"], f["x_test"], f["y_test"]))
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         pass  # missing or unreadable (e.g. an interrupted write elsewhere): generate it
     arrays = _generate_mnist1d(num_samples)
-    _save_atomically(path, dict(zip(("x", "y", "x_test", "y_test"), arrays)))
+    _save_atomically(path, arrays)
     return _read_only(arrays)
 
 
@@ -141,7 +150,7 @@ def _generate_mnist1d(num_samples: int) -> Arrays:
     from mnist1d.data import get_dataset_args, make_dataset  # slow import (matplotlib)
 
     args = get_dataset_args()
-    args.num_samples = num_samples  # seed stays 42: the first 5000 are the published set
+    args.num_samples = num_samples  # seed stays 42: at 5000 samples, the published set
     # make_dataset seeds numpy's and random's global generators; leave the caller's as they were.
     np_state, py_state = np.random.get_state(), random.getstate()
     try:
@@ -149,23 +158,31 @@ def _generate_mnist1d(num_samples: int) -> Arrays:
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
-    return (d["x"].astype(np.float32), d["y"].astype(np.int64),
-            d["x_test"].astype(np.float32), d["y_test"].astype(np.int64))
+    return (
+        d["x"].astype(np.float32),
+        d["y"].astype(np.int64),
+        d["x_test"].astype(np.float32),
+        d["y_test"].astype(np.int64),
+    )
 
 
-def _save_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def _save_atomically(path: Path, arrays: Arrays) -> None:
     """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
+    tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-            np.savez(f, **arrays)
-        os.replace(f.name, path)
+            tmp = Path(f.name)
+            np.savez(f, x=arrays[0], y=arrays[1], x_test=arrays[2], y_test=arrays[3])
+        os.replace(tmp, path)
     except OSError:
-        pass  # a read-only or full disk only costs the next process a regeneration
+        # A read-only or full disk only costs the next process a regeneration.
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 @functools.lru_cache(maxsize=1)
-def digits(num_samples: int = 0) -> Arrays:
+def digits() -> Arrays:
     """sklearn's bundled 8x8 digits (1797 samples, all of them: ``num_samples`` is ignored),
     with a fixed stratified 20% test split."""
     from sklearn.datasets import load_digits
@@ -173,8 +190,9 @@ def digits(num_samples: int = 0) -> Arrays:
     x, y = load_digits(return_X_y=True)
     x = x.astype(np.float32) / 16.0  # pixel intensities 0..16
     train_idx, test_idx = stratified_split(y, 0.2, DIGITS_TEST_SEED)
-    return _read_only((x[train_idx], y[train_idx].astype(np.int64),
-                       x[test_idx], y[test_idx].astype(np.int64)))
+    return _read_only(
+        (x[train_idx], y[train_idx].astype(np.int64), x[test_idx], y[test_idx].astype(np.int64))
+    )
 
 
 def _read_only(arrays: Arrays) -> Arrays:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -17,10 +17,10 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "leaky_relu": lambda: nn.LeakyReLU(0.01),
     "gelu": nn.GELU,
 }
-MAX_WIDENING = 4  # channels double after each downsampling, up to 4x width: cost stays linear
+MAX_WIDENING = 4  # channels double after each downsampling, up to 4x width: deep nets stay cheap
 
 
-def build_model(model: Mapping[str, Any], input_length: int, num_classes: int) -> nn.Module:
+def build_model(model: Mapping[str, Any], input_length: int, num_classes: int) -> Classifier:
     """Build the configured model for inputs of shape ``(N, input_length)``.
 
     Example:
@@ -35,18 +35,24 @@ def build_model(model: Mapping[str, Any], input_length: int, num_classes: int) -
         input_length: Features per sample (the signal length for ``cnn1d``).
         num_classes: Outputs of the linear head.
     """
-    family = choose("model.name", model["name"], MODELS)
-    choose("model.norm", model["norm"], dict.fromkeys(NORMS))
-    choose("model.activation", model["activation"], ACTIVATIONS)
-    choose("model.init", model["init"], dict.fromkeys(INITS))
-    _check_sizes(model)
-    net = family(model, input_length, num_classes)
+    check_model(model)
+    net = MODELS[model["name"]](model, input_length, num_classes)
     _initialize(net.features, model["init"], model["activation"])  # the head starts at zero
     return net
 
 
-class CNN1d(nn.Module):
-    """Conv-norm-activation blocks, a 2x max-pool after every second block, global max pool."""
+class Classifier(nn.Module):
+    """A feature extractor and a linear head: what ``build_model`` returns."""
+
+    features: nn.Sequential
+    head: nn.Sequential
+
+
+class CNN1d(Classifier):
+    """Conv-norm-activation blocks, a 2x max-pool after every second block, global max pool.
+
+    The default (width 32, depth 4) is [32, 32, pool, 64, 64] channels and 37k parameters.
+    """
 
     def __init__(self, model: Mapping[str, Any], input_length: int, num_classes: int) -> None:
         super().__init__()
@@ -70,7 +76,7 @@ class CNN1d(nn.Module):
         return self.head(features.amax(dim=2))  # global max pool: where a pattern sits is free
 
 
-class MLP(nn.Module):
+class MLP(Classifier):
     """``depth`` hidden layers of ``width`` units (linear-norm-activation), a linear head."""
 
     def __init__(self, model: Mapping[str, Any], input_length: int, num_classes: int) -> None:
@@ -78,8 +84,8 @@ class MLP(nn.Module):
         width, depth = int(model["width"]), int(model["depth"])
         layers: list[nn.Module] = []
         c_in = input_length
+        has_norm = model["norm"] != "none"  # a norm layer's shift makes the bias redundant
         for _ in range(depth):
-            has_norm = model["norm"] != "none"
             layers += [nn.Linear(c_in, width, bias=not has_norm), _norm(model["norm"], width, 1)]
             layers.append(ACTIVATIONS[model["activation"]]())
             c_in = width
@@ -90,7 +96,7 @@ class MLP(nn.Module):
         return self.head(self.features(x.flatten(1)))
 
 
-MODELS: dict[str, Callable[[Mapping[str, Any], int, int], nn.Module]] = {
+MODELS: dict[str, Callable[[Mapping[str, Any], int, int], Classifier]] = {
     "cnn1d": CNN1d,
     "mlp": MLP,
 }
@@ -99,8 +105,9 @@ MODELS: dict[str, Callable[[Mapping[str, Any], int, int], nn.Module]] = {
 def _head(features: int, num_classes: int, dropout: float) -> nn.Sequential:
     """Dropout, then a linear classifier that starts at zero: every class at equal odds.
 
-    A zero head starts the loss at exactly ln C and measured better than a He-initialized one
-    on MNIST-1D (default config, 3 seeds: 99.3% vs 98.2% test accuracy).
+    A zero head starts the loss at exactly ln C, and it measured best on MNIST-1D (default
+    config, seeds 0-2, mean test accuracy): 99.3% against 99.0% for torch's default init of
+    the head and 98.3% for He's.
     """
     linear = nn.Linear(features, num_classes)
     nn.init.zeros_(linear.weight)
@@ -108,10 +115,22 @@ def _head(features: int, num_classes: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Dropout(dropout), linear)
 
 
-def _conv_block(c_in: int, c_out: int, kernel_size: int, model: Mapping[str, Any]) -> list[nn.Module]:
+def _conv_block(
+    c_in: int, c_out: int, kernel_size: int, model: Mapping[str, Any]
+) -> list[nn.Module]:
     has_norm = model["norm"] != "none"  # a norm layer's shift makes the conv bias redundant
-    conv = nn.Conv1d(c_in, c_out, kernel_size, padding="same", bias=not has_norm)
-    return [conv, _norm(model["norm"], c_out, 2), ACTIVATIONS[model["activation"]]()]
+    odd = kernel_size % 2 == 1
+    # 'Same' padding keeps the length: inside the conv when symmetric (odd kernel); an even
+    # kernel needs one more zero on the right, from an explicit pad.
+    layers: list[nn.Module] = (
+        [] if odd else [nn.ConstantPad1d(((kernel_size - 1) // 2, kernel_size // 2), 0.0)]
+    )
+    layers.append(
+        nn.Conv1d(
+            c_in, c_out, kernel_size, padding=kernel_size // 2 if odd else 0, bias=not has_norm
+        )
+    )
+    return [*layers, _norm(model["norm"], c_out, 2), ACTIVATIONS[model["activation"]]()]
 
 
 def _norm(kind: str, channels: int, dims: int) -> nn.Module:
@@ -134,7 +153,9 @@ def _groups(channels: int) -> int:
 def _initialize(features: nn.Module, init: str, activation: str) -> None:
     if init == "default":
         return  # torch's own (Kaiming-uniform with a = sqrt(5))
-    nonlinearity = "leaky_relu" if activation == "leaky_relu" else "relu"  # GELU ~ ReLU gain
+    nonlinearity: Literal["relu", "leaky_relu"] = (
+        "leaky_relu" if activation == "leaky_relu" else "relu"  # GELU takes ReLU's gain
+    )
     for layer in features.modules():
         if isinstance(layer, (nn.Conv1d, nn.Linear)):
             if init == "he":
@@ -145,7 +166,12 @@ def _initialize(features: nn.Module, init: str, activation: str) -> None:
                 nn.init.zeros_(layer.bias)
 
 
-def _check_sizes(model: Mapping[str, Any]) -> None:
+def check_model(model: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` for an unknown choice or an impossible size in a ``model`` block."""
+    choose("model.name", model["name"], MODELS)
+    choose("model.norm", model["norm"], dict.fromkeys(NORMS))
+    choose("model.activation", model["activation"], ACTIVATIONS)
+    choose("model.init", model["init"], dict.fromkeys(INITS))
     for key in ("width", "depth") + (("kernel_size",) if model["name"] == "cnn1d" else ()):
         if int(model[key]) < 1:
             raise ValueError(f"model.{key} must be at least 1 but got {model[key]!r}.")
