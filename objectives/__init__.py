@@ -4,6 +4,6 @@
 PyTorch model on a small data set and never imports Optuna.
 """
 
-from objectives.loop import train
+from objectives.loop import train, validate
 
-__all__ = ["train"]
+__all__ = ["train", "validate"]

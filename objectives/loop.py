@@ -64,7 +64,7 @@ def train(
         Metrics are missing when no epoch finished. All but ``model`` and ``test`` are plain
         JSON values.
     """
-    _validate(config)
+    validate(config)
     device = resolve_device(str(config["device"]))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -340,8 +340,12 @@ def _peak_memory_mb(device: torch.device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def _validate(config: Mapping[str, Any]) -> None:
-    """Check every value that the run dispatches on before any data or model is built."""
+def validate(config: Mapping[str, Any]) -> None:
+    """Check every value that the run dispatches on before any data or model is built.
+
+    Raises ValueError naming the key, the value and what it may be. tuner calls it on each
+    stage's configs before it writes anything, so a typo is an error, not a failed stage.
+    """
     datasets.check_data(config["data"])
     check_model(config["model"])
     check_loss(config)

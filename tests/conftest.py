@@ -16,9 +16,9 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("TUNER_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture()
 def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session, dropped at the end.
+    """A fresh PostgreSQL database for one test, dropped at the end.
 
     Skipped where no server runs; CI sets TUNER_REQUIRE_POSTGRES=1 and then it fails.
     """

@@ -67,7 +67,7 @@ def test_tiny_run_then_status_export_and_train_round_trip(tmp_path: Path) -> Non
     run = tuner("run", "study=digits_mlp", "trials=7", "epochs=3", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     for stage in ("batch_size", "lr", "optimizer", "architecture"):
-        assert f"== stage" in run.stdout and f"[{stage} " in run.stdout
+        assert "== stage" in run.stdout and f"[{stage} " in run.stdout
     assert "next:" in run.stdout
 
     status = tuner("status", "study=digits_mlp", cwd=tmp_path)
@@ -79,12 +79,19 @@ def test_tiny_run_then_status_export_and_train_round_trip(tmp_path: Path) -> Non
     document = yamlio.load(tmp_path / "best.yaml")
     assert document["config"]["data"]["name"] == "digits"
     assert document["config"]["epochs"] == 3  # the override is part of the config
-    assert set(document["provenance"]["stages"]) == {"batch_size", "lr", "optimizer", "architecture"}
+    assert set(document["provenance"]["stages"]) == {
+        "batch_size",
+        "lr",
+        "optimizer",
+        "architecture",
+    }
 
     train = tuner("train", "config=best.yaml", "out=trained", cwd=tmp_path)
     assert train.returncode == 0, train.stderr
     metrics = yamlio.load(tmp_path / "trained" / "metrics.yaml")
     # Same config, same seed, same machine: the tuned validation value comes back exactly.
-    assert metrics["validation"]["accuracy"] == pytest.approx(document["provenance"]["value"], abs=1e-12)
+    assert metrics["validation"]["accuracy"] == pytest.approx(
+        document["provenance"]["value"], abs=1e-12
+    )
     assert 0.0 < metrics["test"]["accuracy"] <= 1.0  # the test split is scored, once, here
     assert (tmp_path / "trained" / "model.pt").is_file()

@@ -637,7 +637,7 @@ def test_auto_device_falls_back_to_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_default_study_config_is_valid() -> None:
     defaults = yaml.safe_load(STUDY.read_text())["defaults"]
-    loop._validate(defaults)
+    loop.validate(defaults)
     net = models.build_model(defaults["model"], input_length=40, num_classes=10)
     # the default cnn1d is a small model: conv-BN-GELU blocks [w, w, pool, 2w, 2w]
     assert sum(p.numel() for p in net.parameters()) == 37034

@@ -14,7 +14,8 @@ from tuner import storage as storages
 from tuner.config import apply_overrides, load_study
 from tuner.errors import StageFailed, StageRefused
 from tuner.plan import plan_stage
-from tuner.runner import Budget, best_of, best_trial, run_stage, stage_budgets, stage_timeout
+from tuner.results import best_of, best_trial
+from tuner.runner import Budget, run_stage, stage_budgets, stage_timeout
 
 
 @pytest.fixture()

@@ -11,7 +11,8 @@ from tuner import storage as storages
 from tuner.config import apply_overrides, load_study
 from tuner.errors import UserError
 from tuner.plan import plan_stage
-from tuner.runner import Budget, best_of, run_stage
+from tuner.results import best_of
+from tuner.runner import Budget, run_stage
 
 
 @pytest.mark.parametrize(

@@ -135,8 +135,9 @@ def _run(rest: list[str]) -> int:
     print("next:")
     study_arg = "" if study.name == DEFAULT_STUDY else f" study={study.arg}"
     print(f"  python -m tuner export{study_arg} out=best.yaml   # the best config as YAML")
-    print("  python -m tuner train config=best.yaml         # train it, score the test split")
-    print(f"  optuna-dashboard {storages.mask(study.storage)}        # look at the studies")
+    print("  python -m tuner train config=best.yaml   # train it, score the test split once")
+    print(f"  python -m tuner dashboard{study_arg}   # optuna-dashboard on this storage")
+    print(f"  python -m tuner report{study_arg}      # one HTML page: the stages and their plots")
     return 0
 
 

@@ -18,7 +18,7 @@ from tuner import storage as storages
 from tuner.config import StudyConfig, flatten, get_path
 from tuner.errors import UserError
 from tuner.plan import Source, load_space
-from tuner.runner import best_trial
+from tuner.results import best_trial
 
 
 def best_config(study: StudyConfig, stage: str | None = None) -> dict[str, Any]:

@@ -45,6 +45,17 @@ def load_objective(spec: str) -> Objective:
     return fn
 
 
+def load_validator(spec: str) -> Callable[[dict[str, Any]], None] | None:
+    """The ``validate(config)`` of an objective's module, if it has one.
+
+    A validator raises ValueError for a config the objective cannot run; tuner calls it
+    before anything is written.
+    """
+    module = importlib.import_module(spec.partition(":")[0])
+    validate = getattr(module, "validate", None)
+    return validate if callable(validate) else None
+
+
 def accepts_test(fn: Objective) -> bool:
     """Whether an objective can score the test split (takes a ``test`` keyword)."""
     try:

@@ -21,59 +21,30 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 import search_spaces
-from tuner import __version__, signals
+from tuner import __version__, artifacts, notes, signals
 from tuner import storage as storages
 from tuner.config import StudyConfig, merged
 from tuner.errors import StageFailed, StageRefused, UserError
-from tuner.objective import Objective, load_objective
-from tuner.plan import Best, BestOf, Source, StagePlan, plan_stage, rerun_command, stale_keys
+from tuner.objective import Objective, load_objective, load_validator
+from tuner.plan import (
+    Source,
+    StagePlan,
+    load_space,
+    plan_stage,
+    rerun_command,
+    stale_keys,
+)
+from tuner.progress import StageProgress
+from tuner.results import SURPLUS, best_of, best_trial
 
 Print = Callable[[str], None]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-SURPLUS = "surplus"  # stop_reason of a trial that found the budget taken when it started
 POLL_SECONDS = 1.0  # how often a worker with nothing to start looks for retried trials
 FAILURE_STREAK = 5  # this many failed trials in a row stop a stage: the error is not bad luck
 # Stop reasons after which a trial is PRUNED rather than COMPLETE: the sampler learns to
 # avoid the region (TPE ignores FAILed trials).
 PRUNED_REASONS = ("diverged", "out_of_memory")
-
-
-# --- reading stages back ---------------------------------------------------------------------
-
-
-def best_of(storage: optuna.storages.BaseStorage | None, study: StudyConfig) -> BestOf:
-    """A function that reads a stage's best finished trial from the storage."""
-
-    def best(stage: str) -> Best | None:
-        found = storages.load(storage, study.stage_name(stage))
-        if found is None:
-            return None
-        trial = best_trial(found)
-        if trial is None:
-            return None
-        lineage = found.user_attrs.get("lineage", {})
-        return Best(
-            stage=stage,
-            number=trial.number,
-            value=float(trial.value),  # type: ignore[arg-type]
-            config=trial.user_attrs["config"],
-            lineage={key: Source.from_dict(src) for key, src in lineage.items()},
-        )
-
-    return best
-
-
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The best COMPLETE trial that carries its config, or None."""
-    complete = [
-        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "config" in t.user_attrs and t.value is not None and math.isfinite(t.value)
-    ]  # fmt: skip
-    if not complete:
-        return None
-    pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
-    return pick(complete, key=lambda t: (t.value, -t.number))  # ties: the earlier trial
 
 
 # --- samplers and pruners --------------------------------------------------------------------
@@ -94,8 +65,15 @@ def make_sampler(study: StudyConfig, seed: int) -> optuna.samplers.BaseSampler:
         raise UserError(f"sampler {name}: {exc}.") from None
 
 
-def make_pruner(study: StudyConfig, max_epochs: int) -> optuna.pruners.BasePruner:
-    """The study's pruner; Hyperband's maximum resource is the trial's epoch budget."""
+def make_pruner(plan: StagePlan, max_epochs: int) -> optuna.pruners.BasePruner:
+    """The study's pruner; Hyperband's maximum resource is the trial's epoch budget.
+
+    A grid stage (batch size) prunes nothing: its candidates train for equal *time*, so the
+    same epoch means different amounts of training, and each must be seen to the end.
+    """
+    if plan.space.grid:
+        return optuna.pruners.NopPruner()
+    study = plan.study
     options = {k: v for k, v in study.pruner.items() if k != "name"}
     name = study.pruner.get("name", "median")
     try:
@@ -115,10 +93,11 @@ def make_pruner(study: StudyConfig, max_epochs: int) -> optuna.pruners.BasePrune
 
 
 class _Report:
-    """The objective's ``report(epoch, metrics)``: feeds Optuna's pruner each epoch."""
+    """The objective's ``report(epoch, metrics)``: feeds Optuna's pruner each epoch, and
+    stops a trial still running when its stage's time is up (so a run ends on time)."""
 
-    def __init__(self, trial: optuna.Trial, metric: str) -> None:
-        self.trial, self.metric = trial, metric
+    def __init__(self, trial: optuna.Trial, metric: str, deadline: float | None) -> None:
+        self.trial, self.metric, self.deadline = trial, metric, deadline
 
     def __call__(self, epoch: int, metrics: Mapping[str, float]) -> None:
         value = metrics.get(self.metric)
@@ -126,12 +105,17 @@ class _Report:
             return
         self.trial.report(float(value), epoch)
         if self.trial.should_prune():
-            self.trial.set_user_attr("stop_reason", "pruned")
-            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+            self._stop("pruned", epoch)
+        if self.deadline is not None and time.time() > self.deadline:
+            self._stop("out_of_time", epoch)
+
+    def _stop(self, reason: str, epoch: int) -> None:
+        self.trial.set_user_attr("stop_reason", reason)
+        raise optuna.TrialPruned(f"{reason} at epoch {epoch}")
 
 
 def make_objective(
-    plan: StagePlan, fn: Objective, budget: int | None = None
+    plan: StagePlan, fn: Objective, budget: int | None = None, deadline: float | None = None
 ) -> Callable[[optuna.Trial], float]:
     """The Optuna objective of a stage: draw, train, record, score.
 
@@ -149,8 +133,13 @@ def make_objective(
         trial.set_user_attr("config", config)
         started = time.perf_counter()
         try:
-            result = fn(config, _Report(trial, metric))
-            return _score(trial, result, metric, time.perf_counter() - started)
+            result = fn(config, _Report(trial, metric, deadline))
+            value = _score(trial, result, metric, time.perf_counter() - started)
+            model = result.get("model")
+            if model is not None and artifacts.becomes_best(trial.study, value):
+                # The dashboard offers the weights of each stage's best trial for download.
+                artifacts.save_weights(trial.study, trial, model, plan.study.storage)
+            return value
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:
@@ -223,8 +212,10 @@ class Budget:
 class _Progress:
     """A line per finished trial: stage, n/N, state, value, best so far, why it stopped."""
 
-    def __init__(self, plan: StagePlan, budget: Budget, out: Print) -> None:
-        self.plan, self.budget, self.out = plan, budget, out
+    def __init__(
+        self, plan: StagePlan, budget: Budget, out: Print, bar: StageProgress | None = None
+    ) -> None:
+        self.plan, self.budget, self.out, self.bar = plan, budget, out, bar
         self.failures: list[str] = []
 
     @property
@@ -247,6 +238,8 @@ class _Progress:
         reason = _why(trial)
         params = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
         seconds = trial.duration.total_seconds() if trial.duration else 0.0
+        if self.bar is not None:
+            self.bar.update(done, best.value if best is not None else None)
         self.out(
             f"[{self.plan.stage} {done}/{self.budget.trials}] #{trial.number} {state:<8} "
             f"{value:<16} {best_text:<22} {reason:<22} {seconds:5.1f}s  {params}"
@@ -263,8 +256,8 @@ def _why(trial: FrozenTrial) -> str:
         return str(attrs.get("error", "failed"))[:60]
     reason = attrs.get("stop_reason", trial.state.name.lower())
     epoch = attrs.get("best_epoch")
-    if reason == "pruned":
-        return f"pruned at epoch {trial.last_step}"
+    if reason in ("pruned", "out_of_time"):
+        return f"{reason.replace('_', ' ')} at epoch {trial.last_step}"
     return f"{reason}, best epoch {epoch}" if epoch is not None else str(reason)
 
 
@@ -315,6 +308,7 @@ def work(
     deadline: float | None = None,
     worker: int = 0,
     out: Print = print,
+    bar: StageProgress | None = None,
 ) -> optuna.Study:
     """One worker's share of a stage: run trials until the stage has ``budget.trials``
     finished ones, however many workers (here or on other machines) run beside it.
@@ -327,10 +321,10 @@ def work(
         study_name=plan.name,
         storage=storage,
         sampler=make_sampler(plan.study, _seed(plan, n_before, worker)),
-        pruner=make_pruner(plan.study, int(plan.incumbent.get("epochs", 1) or 1)),
+        pruner=make_pruner(plan, int(plan.incumbent.get("epochs", 1) or 1)),
     )
-    progress = _Progress(plan, budget, out)
-    objective = make_objective(plan, fn, budget.trials)
+    progress = _Progress(plan, budget, out, bar)
+    objective = make_objective(plan, fn, budget.trials, deadline)
     while not progress.failing:
         if deadline is not None and time.time() >= deadline:
             break
@@ -473,8 +467,9 @@ def run(
     """
     stages = (stage,) if stage else study.stages
     storage = storages.open_existing(study.storage)
-    plan_stage(study, stages[0], best_of(storage, study))  # refuses before anything is created
+    first = plan_stage(study, stages[0], best_of(storage, study))  # may refuse: nothing written
     fn = load_objective(study.objective)
+    preflight(first, stages)
     storage = storages.open_storage(study.storage, heartbeat=heartbeat)
     budgets = stage_budgets(study, stages, trials)
     if timeout is None and study.timeout is not None:
@@ -489,9 +484,35 @@ def run(
         if done >= budget.trials:
             continue
         deadline = None if budget.timeout is None else time.time() + budget.timeout
-        with _Workers(plan, budget, deadline, workers - 1, heartbeat) as helpers:
-            work(plan, storage, fn, budget, deadline=deadline, out=out)
+        # The bar shares the terminal with worker processes' lines only when there are none.
+        bar = StageProgress(plan.stage, budget.trials, budget.timeout, draw=workers == 1)
+        bar.update(done, None)
+        with bar, _Workers(plan, budget, deadline, workers - 1, heartbeat) as helpers:
+            found = work(plan, storage, fn, budget, deadline=deadline, out=bar.wrap(out), bar=bar)
         helpers.check()
+        notes.write_stage_note(found)
+
+
+def preflight(first: StagePlan, stages: tuple[str, ...]) -> None:
+    """Check what would otherwise fail trials minutes into a run, before anything is written:
+    the sampler and pruner settings, and (with the objective's ``validate``) the first
+    config with every categorical choice of every stage that is to run."""
+    study = first.study
+    make_sampler(study, 0)
+    make_pruner(first, 1)
+    validate = load_validator(study.objective)
+    if validate is None:
+        return
+    configs = [first.incumbent]
+    for name in stages:
+        for param in load_space(study, name).params:
+            for choice in param.choices or ():
+                configs.append(merged(first.incumbent, {param.key: choice}))
+    for config in configs:
+        try:
+            validate(config)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(str(exc)) from None
 
 
 class _Workers:

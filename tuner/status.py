@@ -12,7 +12,7 @@ from tuner import storage as storages
 from tuner.config import StudyConfig
 from tuner.errors import StageRefused, UserError
 from tuner.plan import Source, plan_stage, rerun_command, stale_keys
-from tuner.runner import best_of, best_trial
+from tuner.results import SURPLUS, best_of, best_trial
 
 
 @dataclass
@@ -60,8 +60,8 @@ def _fill(row: StageStatus, found: optuna.Study) -> None:
             row.complete += 1
         elif trial.state == TrialState.PRUNED:
             row.pruned += 1
-        elif trial.state == TrialState.FAIL:
-            row.failed += 1
+        elif trial.state == TrialState.FAIL and trial.user_attrs.get("stop_reason") != SURPLUS:
+            row.failed += 1  # a surplus trial lost a race for the budget; it never trained
         elif trial.state == TrialState.RUNNING:
             row.running += 1
     top = best_trial(found)

@@ -1,0 +1,111 @@
+"""``tuner dashboard``: optuna-dashboard on a study's storage and its artifact folder.
+
+It serves optuna-dashboard's own WSGI app (``optuna_dashboard.wsgi``) from a threaded
+server in this process, bound to 127.0.0.1 unless ``host=`` says otherwise; the dashboard
+has no authentication, so any other address gets a warning. Ctrl-C ends it quietly.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import sys
+import warnings
+from collections.abc import Callable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import optuna_dashboard
+
+from tuner import artifacts as artifact_files
+from tuner import storage as storages
+from tuner.config import StudyConfig
+from tuner.errors import UserError
+
+Print = Callable[[str], None]
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """One thread per request: the dashboard polls while a page loads its plots."""
+
+    daemon_threads = True  # Ctrl-C does not wait for a browser's open connection
+
+
+class _IPv6Server(_Server):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access-log line per request: the dashboard polls every few seconds."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def url(host: str, port: int) -> str:
+    """The address to open in a browser."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/dashboard"
+
+
+def check_port(port: int) -> None:
+    """A port a server can listen on (0 picks a free one)."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"port={port}: a port is a number from 1 to 65535 (0: any free one).")
+
+
+def make(
+    study: StudyConfig, host: str = "127.0.0.1", port: int = 8080, artifacts: str | None = None
+) -> WSGIServer:
+    """A dashboard server on the study's storage, bound and ready to ``serve_forever``."""
+    check_port(port)
+    if not storages.exists(study.storage):
+        raise UserError(
+            f"No storage at {storages.mask(study.storage)}: run `python -m tuner run` first"
+            " (or pass storage=...)."
+        )
+    storage = storages.open_storage(study.storage)
+    store = artifact_files.store(study.storage, artifacts)
+    app = optuna_dashboard.wsgi(storage, artifact_store=store)
+    server_class = _IPv6Server if ":" in host else _Server
+    try:
+        return make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
+    except OSError as exc:
+        hint = "try another port=" if exc.errno == errno.EADDRINUSE else "check host="
+        reason = exc.strerror or str(exc)
+        raise UserError(f"Cannot listen on {host}:{port}: {reason} ({hint}).") from None
+
+
+def serve(
+    study: StudyConfig,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    artifacts: str | None = None,
+    out: Print = print,
+) -> None:
+    """Serve the dashboard until Ctrl-C."""
+    server = make(study, host, port, artifacts)
+    bound = int(server.server_address[1])
+    if host not in LOCAL_HOSTS:
+        print(
+            f"tuner: warning: the dashboard has no authentication; anyone who can reach"
+            f" {host}:{bound} can read and change these studies.",
+            file=sys.stderr,
+        )
+    out(f"optuna-dashboard on {storages.mask(study.storage)}: {url(host, bound)}")
+    folder = artifact_files.folder(study.storage, artifacts)
+    have = "" if folder.is_dir() else " (none yet)"
+    out(f"artifacts (best trials' weights): {folder.resolve()}{have}")
+    out("Ctrl-C stops it.")
+    sys.stdout.flush()  # the address shows at once where the output is a pipe
+    try:
+        with warnings.catch_warnings():
+            # Importances of a few trials warn on each page load; the page says enough.
+            warnings.simplefilter("ignore", UserWarning)
+            server.serve_forever()
+    except KeyboardInterrupt:
+        out("")
+    finally:
+        server.server_close()
