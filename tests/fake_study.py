@@ -1,6 +1,7 @@
 """A one-stage study around a plain-Python objective, for tests of the engine's mechanics
 (workers, heartbeats, interrupts) where training itself is beside the point."""
 
+import sys
 from pathlib import Path
 
 OBJECTIVE = '''
@@ -41,6 +42,7 @@ defaults:
 
 def write(folder: Path, trials: int = 6, epochs: int = 2, sleep: float = 0.05) -> Path:
     """Write fakeobj.py and fake.yaml into ``folder``; returns the study file."""
+    sys.modules.pop("fakeobj", None)  # an in-process run imports this folder's copy
     (folder / "fakeobj.py").write_text(OBJECTIVE)
     study = folder / "fake.yaml"
     study.write_text(STUDY.format(trials=trials, epochs=epochs, sleep=sleep))

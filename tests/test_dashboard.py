@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.browser import colours, render
-from tests.tiny_study import STAGES, Tiny, run_tiny
+from tests.tiny_study import STAGES, Tiny, expect_user_error, run_tiny
 from tuner import artifacts
 from tuner.cli import main
 
@@ -141,10 +141,7 @@ def test_user_mistakes_are_one_line_and_exit_2(
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     monkeypatch.chdir(tiny.folder)
-    given = dict(arg.split("=", 1) for arg in [*tiny.args, *args])  # args win
-    assert main(["dashboard", *(f"{k}={v}" for k, v in given.items())]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("tuner: ") and err.count("\n") == 1 and message in err, err
+    expect_user_error("dashboard", tiny, args, message, capsys)
 
 
 def test_a_port_in_use_is_one_line(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,7 +13,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from tests.browser import colours, render
-from tests.tiny_study import STAGES, Tiny, run_tiny
+from tests.tiny_study import STAGES, Tiny, expect_user_error, run_tiny
 from tuner import report
 from tuner.cli import main
 from tuner.config import apply_overrides, load_study, merged
@@ -83,10 +83,7 @@ def test_user_mistakes_are_one_line_and_exit_2(
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     monkeypatch.chdir(tiny.folder)
-    given = dict(arg.split("=", 1) for arg in [*tiny.args, *args])  # args win
-    assert main(["report", *(f"{k}={v}" for k, v in given.items())]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("tuner: ") and err.count("\n") == 1 and message in err, err
+    expect_user_error("report", tiny, args, message, capsys)
 
 
 def test_a_storage_without_the_study_is_one_line(

@@ -63,9 +63,9 @@ class Tiny:
 
 def run_tiny(folder: Path, trials: int = 12) -> Tiny:
     """``python -m tuner run`` of the tiny study in ``folder``; then a note on each stage."""
-    (folder / "fakeobj.py").write_text(FAKE_OBJECTIVE)
+    (folder / "tinyobj.py").write_text(FAKE_OBJECTIVE)
     base = (Path(__file__).resolve().parent.parent / "studies" / "digits_mlp.yaml").read_text()
-    text = re.sub(r"(?m)^objective: .*$", "objective: fakeobj:train", base)
+    text = re.sub(r"(?m)^objective: .*$", "objective: tinyobj:train", base)
     text = re.sub(r"(?m)^name: .*$", "name: tiny", text)
     study_file = folder / "tiny.yaml"
     study_file.write_text(text)
@@ -73,10 +73,21 @@ def run_tiny(folder: Path, trials: int = 12) -> Tiny:
     # The real command line, in this process: a subprocess would import torch again (3 s).
     path = list(sys.path)
     with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)  # where the objective module is (the study says fakeobj:train)
+        patch.chdir(folder)  # where the objective module is (the study says tinyobj:train)
         status = main(["run", *tiny.args, f"trials={trials}", "timeout=60"])
     sys.path[:] = path
     assert status == 0
     for stage in STAGES:  # the runner writes these too, once it calls write_stage_note
         write_stage_note(tiny.stage(stage), ["a diagnostic line"] if stage == "lr" else None)
     return tiny
+
+
+def expect_user_error(
+    command: str, tiny: Tiny, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``command`` on the tiny study, with ``args`` winning over its own, ends in one line
+    that holds ``message`` and exit status 2."""
+    given = dict(arg.split("=", 1) for arg in [*tiny.args, *args])  # args win
+    assert main([command, *(f"{k}={v}" for k, v in given.items())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tuner: ") and err.count("\n") == 1 and message in err, err

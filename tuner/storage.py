@@ -6,7 +6,9 @@ Passwords in storage URLs never leave this module unmasked.
 
 from __future__ import annotations
 
+import random
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ def exists(url: str) -> bool:
 HEARTBEAT_SECONDS = 10  # a running trial's worker writes a heartbeat this often
 MISSED_HEARTBEATS = 3  # a trial silent for this many heartbeats is failed, and retried
 MAX_RETRY = 2  # retries of one trial whose worker died
+CREATE_ATTEMPTS = 5  # tries to open a database whose tables another worker is creating
 
 
 def open_storage(url: str, heartbeat: float | None = None) -> optuna.storages.BaseStorage:
@@ -73,13 +76,28 @@ def open_storage(url: str, heartbeat: float | None = None) -> optuna.storages.Ba
                     max_retry=MAX_RETRY
                 ),
             }
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **beats)
+        storage = _create(url, kwargs, beats)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
         reason = mask(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         raise UserError(f"Cannot open storage {mask(url)}: {reason}") from None
     if path is not None:
         _tune_sqlite(storage.engine)
     return storage
+
+
+def _create(
+    url: str, engine_kwargs: dict[str, Any], beats: dict[str, Any]
+) -> optuna.storages.RDBStorage:
+    """The RDB storage; workers that start on a fresh database at the same moment race to
+    create its tables, and the losers try again once the winner is done."""
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **beats)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == CREATE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1) + random.random() * 0.2)
+    raise AssertionError("unreachable")
 
 
 def _tune_sqlite(engine: sqlalchemy.engine.Engine) -> None:
