@@ -17,7 +17,7 @@ from typing import Any
 from tuner import __version__, signals
 from tuner import storage as storages
 from tuner.config import DEFAULT_STUDY, Overrides, apply_overrides, load_study, parse_pairs
-from tuner.errors import StageFailed, UserError
+from tuner.errors import CheckFailed, StageFailed, UserError
 
 USAGE = f"""\
 tuner {__version__}: staged hyperparameter tuning of PyTorch models on Optuna
@@ -31,13 +31,16 @@ commands:
   train     train an exported config and score the test split once (config=best.yaml)
   dashboard optuna-dashboard on the study's storage, with the best trials' weights (127.0.0.1)
   report    one self-contained HTML file (out=report.html) of the results, or format=csv
+  check     pre-flight checks of the model and data (seeds/003); run does them first
 
 keys (any command): study=NAME|FILE (default {DEFAULT_STUDY}), storage=URL
 run:    stage=NAME trials=N timeout=SECONDS restart=true workers=N threads=N heartbeat=SECONDS,
-        and any config key
+        check=false (skip the pre-flight checks), and any config key
         of the study (lr=1e-3, batch_size=64, model.width=64, epochs=20, seed=1, ...)
 export: out=FILE stage=NAME
-train:  config=FILE out=FOLDER threads=N, and any config key of the exported config
+train:  config=FILE out=FOLDER threads=N repeats=N (seeds seed..seed+N-1: mean ± std),
+        and any config key of the exported config
+check:  threads=N, and any config key of the study
 dashboard: port=8080 host=127.0.0.1 artifacts=FOLDER (default: tuner_artifacts/ by the db)
 report: out=FILE format=html|csv
 
@@ -62,7 +65,9 @@ OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "workers": int,
         "threads": int,
         "heartbeat": (float, int),
+        "check": bool,
     },
+    "check": {"threads": int},
     "status": {},
     "export": {"out": str, "stage": str},
     "dashboard": {"port": int, "host": str, "artifacts": str},
@@ -84,14 +89,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     handlers: dict[str, Callable[[list[str]], int]] = {
         "run": _run, "status": _status, "export": _export, "train": _train,
-        "dashboard": _dashboard, "report": _report,
+        "dashboard": _dashboard, "report": _report, "check": _check,
     }  # fmt: skip
     try:
         if command not in handlers:
             raise UserError(f"Unknown command '{command}'; commands: {', '.join(handlers)}.")
         return handlers[command](rest)
-    except (UserError, StageFailed) as exc:
-        print(f"tuner: {storages.mask(str(exc))}", file=sys.stderr)
+    except (UserError, StageFailed, CheckFailed) as exc:
+        print(f"tuner: {_one_line(storages.mask(str(exc)))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(
@@ -127,6 +132,7 @@ def _run(rest: list[str]) -> int:
         restart=bool(opts.get("restart", False)),
         workers=workers,
         heartbeat=heartbeat,
+        check=bool(opts.get("check", True)),
         out=_print,
     )
     print()
@@ -138,6 +144,15 @@ def _run(rest: list[str]) -> int:
     print("  python -m tuner train config=best.yaml   # train it, score the test split once")
     print(f"  python -m tuner dashboard{study_arg}   # optuna-dashboard on this storage")
     print(f"  python -m tuner report{study_arg}      # one HTML page: the stages and their plots")
+    return 0
+
+
+def _check(rest: list[str]) -> int:
+    from tuner import checks  # torch loads here, not for --help
+
+    resolved = _resolve("check", rest)
+    _threads(resolved.options.get("threads", DEFAULT_THREADS))
+    checks.preflight(resolved.study.config, resolved.study.objective, out=_print)
     return 0
 
 
@@ -197,9 +212,15 @@ def _train(rest: list[str]) -> int:
         raise UserError("train needs config=FILE, an exported config (python -m tuner export).")
     out = pairs.pop("out", "trained")
     threads = pairs.pop("threads", None)
+    repeats = _int_option("repeats", pairs.pop("repeats", None)) or 1
     _threads(_int_option("threads", threads) or DEFAULT_THREADS)
-    train.train(export.read(config), out, pairs)
+    train.train(export.read(config), out, pairs, repeats=repeats)
     return 0
+
+
+def _one_line(message: str) -> str:
+    """An error is one line, even when it quotes a value with a line break in it."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _print(line: str) -> None:
