@@ -5,5 +5,6 @@ PyTorch model on a small data set and never imports Optuna.
 """
 
 from objectives.loop import train, validate
+from objectives.probe import probe
 
-__all__ = ["train", "validate"]
+__all__ = ["probe", "train", "validate"]

@@ -1,4 +1,10 @@
-"""Data sets as standardized tensors on the device: train / validation, and test on request."""
+"""Data sets as standardized tensors on the device: train / validation, and test on request.
+
+MNIST-1D and digits are generated or bundled; torchvision's MNIST, FashionMNIST and CIFAR-10
+and a user's image folder are read from disk (``objectives._images``), a user's CSV table
+through pandas (``objectives._tables``). Sets that fit and need no augmentation train from
+tensors indexed directly; the others from a ``DataLoader`` (``data.workers`` processes).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import os
 import random
 import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,24 +31,98 @@ DIGITS_TEST_SEED = 0  # digits has no test split of its own: carve one, the same
 
 @dataclass(frozen=True)
 class Split:
-    """Inputs ``x`` (N, L) float32 and integer labels ``y`` (N,), on one device."""
+    """Inputs ``x`` (N, ...) float32 and targets ``y`` (N,), on one device: integer labels, or
+    float values for regression."""
 
     x: torch.Tensor
     y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, size: int, generator: torch.Generator) -> Iterator[Batch]:
+        """One epoch of a fresh shuffle drawn from ``generator``, in whole batches."""
+        order = torch.randperm(len(self.y), generator=generator).to(self.x.device)
+        for i in range(len(self.y) // size):
+            batch = order[i * size : (i + 1) * size]
+            yield self.x[batch], self.y[batch]
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Batches:
+    """A training split served by a ``DataLoader``: for images decoded from files or
+    augmented per sample. ``y`` holds all labels (on CPU); ``batches`` is ``Split``'s twin."""
+
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset[Batch],
+        y: torch.Tensor,
+        workers: int,
+        device: torch.device,
+    ) -> None:
+        self.dataset, self.y, self.workers, self.device = dataset, y, workers, device
+        self._loaders: dict[int, torch.utils.data.DataLoader[Batch]] = {}
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, size: int, generator: torch.Generator) -> Iterator[Batch]:
+        """One epoch in whole batches; the shuffle (and augmentation) seed is drawn from
+        ``generator`` at the first epoch, and the workers stay up for the next ones."""
+        if size not in self._loaders:
+            seed = int(torch.randint(2**62, (1,), generator=generator))
+            self._loaders[size] = self.loader(size, seed)
+        for x, y in self._loaders[size]:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def loader(self, size: int, seed: int) -> torch.utils.data.DataLoader[Batch]:
+        """A shuffling ``DataLoader`` of its own, seeded: the same batches for the same seed."""
+        return torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=size,
+            shuffle=True,
+            drop_last=True,  # as Split: a partial last batch is dropped
+            num_workers=self.workers,
+            persistent_workers=self.workers > 0,  # no new processes every epoch
+            pin_memory=self.device.type == "cuda",  # page-locked: the copy overlaps compute
+            generator=torch.Generator().manual_seed(seed),
+        )
 
 
 @dataclass(frozen=True)
 class Data:
     """The training and validation splits and what a model and the test split need to know."""
 
-    train: Split
+    train: Split | Batches
     val: Split
-    num_classes: int
-    mean: float  # standardization statistics of the training split, reused for the others
-    std: float
+    num_classes: int  # classes of a classification task; 1 for regression
+    mean: Any  # standardization statistics of the training split, reused for the others:
+    std: Any  # one float (MNIST-1D, digits), per channel (images) or per column (tables)
+    task: str = "classification"
+    input_shape: tuple[int, ...] = ()  # of one sample: (L,) or (C, H, W)
+    target_mean: float = 0.0  # regression: the training targets are standardized; the
+    target_std: float = 1.0  # predictions go back to the target's units with these
+    test_split: Callable[[torch.device], Split] | None = None  # reads the test split
+
+    def unscale(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Model outputs in the target's units (regression; unchanged for classification)."""
+        if self.task != "regression":
+            return outputs
+        return outputs * self.target_std + self.target_mean
+
+    def sample(self, n: int) -> Batch:
+        """Up to ``n`` training inputs and targets, as they go into the model."""
+        if isinstance(self.train, Split):
+            return self.train.x[:n], self.train.y[:n]
+        x, y = next(iter(self.train.loader(min(n, len(self.train)), seed=0)))
+        return x.to(self.val.x.device), y.to(self.val.x.device)
 
 
-def load(data: Mapping[str, Any], seed: int, device: torch.device) -> Data:
+def load(
+    data: Mapping[str, Any], seed: int, device: torch.device, *, task: str = "classification"
+) -> Data:
     """Carve a stratified validation split from the training data, standardize, move to device.
 
     The split is fixed by ``seed``; the mean and std come from the training split only.
@@ -55,11 +135,16 @@ def load(data: Mapping[str, Any], seed: int, device: torch.device) -> Data:
         (torch.Size([1293, 64]), torch.Size([144, 64]), 10)
 
     Args:
-        data: The ``data`` block of a trial config: name, num_samples, val_fraction.
+        data: The ``data`` block of a trial config: name, num_samples, val_fraction, and the
+            keys of the set (root, download, path, target, workers, ...).
         seed: The trial seed.
         device: Where the tensors live.
+        task: ``classification`` or ``regression`` (CSV tables only).
     """
-    check_data(data)
+    check_data(data, task=task)
+    source = SOURCES.get(str(data["name"]))
+    if source is not None:
+        return source.load(data, seed, device, task)
     x, y = train_arrays(data)
     train_idx, val_idx = stratified_split(y, float(data["val_fraction"]), seed)
     mean, std = standardization(x[train_idx])
@@ -69,18 +154,27 @@ def load(data: Mapping[str, Any], seed: int, device: torch.device) -> Data:
         num_classes=int(y.max()) + 1,
         mean=mean,
         std=std,
+        input_shape=(x.shape[1],),
     )
 
 
-def check_data(data: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` for an unknown data set or an impossible split."""
-    choose("data.name", data["name"], DATASETS)
+def check_data(data: Mapping[str, Any], *, task: str = "classification") -> None:
+    """Raise ``ValueError`` for an unknown data set, an impossible split, a set that cannot
+    serve ``task``, or files of an on-disk set that are not where its settings say."""
+    choose("data.name", data["name"], {**DATASETS, **SOURCES})
     if not 0.0 < float(data["val_fraction"]) < 1.0:
         raise ValueError(f"data.val_fraction must be in (0, 1) but got {data['val_fraction']!r}.")
+    source = SOURCES.get(str(data["name"]))
+    if source is not None:
+        source.check(data, task)
+    elif task != "classification":
+        raise ValueError(f"data.name {data['name']} is a classification set but task is {task}.")
 
 
 def load_test(data: Mapping[str, Any], stats: Data, device: torch.device) -> Split:
     """The test split, standardized with the training statistics of ``stats``."""
+    if stats.test_split is not None:
+        return stats.test_split(device)
     x, y = test_arrays(data)
     return _to_split(x, y, stats.mean, stats.std, device)
 
@@ -205,3 +299,34 @@ DATASETS: dict[str, Callable[[int], Arrays]] = {
     "mnist1d": mnist1d,
     "digits": lambda num_samples: digits(),
 }
+
+
+@dataclass(frozen=True)
+class Source:
+    """An on-disk data set: ``check(spec, task)`` raises ``ValueError`` for settings or files
+    it cannot use (without reading the data); ``load`` is ``load`` for this set."""
+
+    check: Callable[[Mapping[str, Any], str], None]
+    load: Callable[[Mapping[str, Any], int, torch.device, str], Data]
+
+
+def _sources() -> dict[str, Source]:
+    from objectives import _images, _tables  # they build on this module's Split and Data
+
+    return {
+        **dict.fromkeys(_images.TORCHVISION, Source(_images.check, _images.load_torchvision)),
+        "image_folder": Source(_images.check, _images.load_folder),
+        "csv": Source(_tables.check, _tables.load_table),
+    }
+
+
+SOURCES: dict[str, Source] = {}  # filled below, once the types above exist
+
+
+def random_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, held out) of ``n`` rows, at random: for regression targets."""
+    train_idx, held_idx = train_test_split(np.arange(n), test_size=fraction, random_state=seed)
+    return np.sort(train_idx), np.sort(held_idx)
+
+
+SOURCES.update(_sources())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import itertools
 import math
 import resource
 import sys
@@ -18,8 +19,14 @@ from torch import nn
 
 from objectives import data as datasets
 from objectives._choice import choose
-from objectives.losses import build_loss, check_loss
-from objectives.metrics import DIRECTIONS, classification_metrics, epoch_metrics
+from objectives.losses import build_loss, check_loss, outputs_of, task_of
+from objectives.metrics import (
+    DIRECTIONS,
+    METRIC_TASKS,
+    epoch_metrics,
+    full_metrics,
+    regression_epoch_metrics,
+)
 from objectives.models import build_model, check_model
 from objectives.optim import build_optimizer, build_schedule, check_optimizer, check_schedule
 
@@ -49,14 +56,18 @@ def train(
 
     Args:
         config: A trial config like a study's ``defaults`` (read, never changed), optionally
-            with ``metric`` (default ``accuracy``) and ``direction`` (default: the metric's).
+            with ``task`` (``classification`` or ``regression``; default: the loss's),
+            ``metric`` (default ``accuracy``, ``rmse`` for regression) and ``direction``
+            (the metric's own; another one is an error).
         report: Called after every finished epoch with the epoch (from 1) and the validation
-            ``accuracy`` and ``loss`` (no label smoothing), ``train_loss`` and the metric.
+            ``accuracy`` and ``loss`` (cross-entropy, no label smoothing) for classification,
+            ``rmse``, ``mae`` and ``loss`` (MSE) for regression, ``train_loss`` and the metric.
         test: Also evaluate the best weights on the test split, returned as ``result["test"]``.
             Without it the test split is never read.
 
     Returns:
-        The best epoch's validation metrics (see ``metrics.classification_metrics``) and
+        The best epoch's validation metrics (``metrics.classification_metrics`` or
+        ``metrics.regression_metrics``, in the target's units) and
         ``best_epoch``, ``epochs_run`` (evaluated epochs), ``stop_reason`` (``patience``,
         ``max_epochs``, ``time_budget``, ``diverged`` or ``out_of_memory``), ``steps``,
         ``samples_per_s`` (over the training steps), ``train_seconds`` (training and per-epoch
@@ -97,8 +108,11 @@ def _prepare(config: Mapping[str, Any], device: torch.device) -> _Run:
     """Seed, load the data, build the model and, with a time budget, time the training step."""
     seed = int(config["seed"])
     torch.manual_seed(seed)
-    data = datasets.load(config["data"], seed, device)
-    model = build_model(config["model"], data.train.x.shape[1], data.num_classes).to(device)
+    data = datasets.load(config["data"], seed, device, task=task_of(config))
+    if config["loss"] == "bce" and data.num_classes != 2:
+        raise ValueError(f"loss bce needs two classes but the data has {data.num_classes}.")
+    outputs = outputs_of(config, data.num_classes)
+    model = build_model(config["model"], data.input_shape, outputs).to(device)
     batch_size = min(int(config["batch_size"]), len(data.train.y))
     probe = None
     if config.get("time_budget") is not None:
@@ -120,8 +134,11 @@ def _fit(run: _Run, config: Mapping[str, Any], report: Report | None) -> tuple[_
             if train_loss is None:
                 stop = "diverged"
                 break
-            logits = _predict(run.model, run.data.val.x)
-            metrics = {**epoch_metrics(logits, run.data.val.y, metric), "train_loss": train_loss}
+            logits = run.data.unscale(_predict(run.model, run.data.val.x))
+            cheap = (
+                epoch_metrics if run.data.task == "classification" else regression_epoch_metrics
+            )
+            metrics = {**cheap(logits, run.data.val.y, metric), "train_loss": train_loss}
         run.epochs_run += 1
         if best is None or _better(metrics, best.metrics, metric, direction):
             best = _Best(run.epochs_run, metrics, logits, _clone_state(run.model))
@@ -143,12 +160,13 @@ def _summarize(
     model, data = run.model, run.data
     if best is not None:
         model.load_state_dict(best.state)
-        result.update(classification_metrics(best.logits, data.val.y))
+        result.update(full_metrics(best.logits, data.val.y, data.task))
         # The reported values win, so the trial's value and its attributes agree exactly.
         result.update({k: v for k, v in best.metrics.items() if not math.isnan(v)})
         if test:  # scored with the best weights, once; no epoch finished: nothing to score
-            split = datasets.load_test(config["data"], data, data.train.x.device)
-            result["test"] = classification_metrics(_predict(model, split.x), split.y)
+            split = datasets.load_test(config["data"], data, data.val.x.device)
+            outputs = data.unscale(_predict(model, split.x))
+            result["test"] = full_metrics(outputs, split.y, data.task)
     samples = run.steps_done * run.batch_size
     result.update(
         best_epoch=0 if best is None else best.epoch,
@@ -157,7 +175,7 @@ def _summarize(
         steps=run.steps_done,
         samples_per_s=samples / run.step_seconds if run.step_seconds > 0 else 0.0,
         train_seconds=run.loop_seconds,
-        peak_memory_mb=_peak_memory_mb(data.train.x.device),
+        peak_memory_mb=_peak_memory_mb(data.val.x.device),
         num_params=sum(p.numel() for p in model.parameters()),
         model=model.eval().cpu(),
     )
@@ -187,7 +205,7 @@ class _Run:
         self.schedule = build_schedule(self.optimizer, config, self.total_steps)
         self.loss_fn = build_loss(config)
         self.order = torch.Generator().manual_seed(int(config["seed"]))  # apart from torch's RNG
-        self.watch = _DivergenceWatch(per_step=data.train.x.device.type == "cpu")
+        self.watch = _DivergenceWatch(per_step=data.val.x.device.type == "cpu")
         self.steps_done = self.epochs_run = 0
         self.step_seconds = self.loop_seconds = 0.0
 
@@ -200,13 +218,11 @@ class _Run:
         return loss
 
     def _steps(self, steps: int) -> float | None:
-        x, y, size = self.data.train.x, self.data.train.y, self.batch_size
-        order = torch.randperm(len(y), generator=self.order).to(x.device)
-        total = torch.zeros((), device=x.device)  # summed on the device: no sync per step
+        batches = self.data.train.batches(self.batch_size, self.order)
+        total = torch.zeros((), device=self.data.val.x.device)  # summed there: no sync per step
         self.model.train()
-        for i in range(steps):
-            batch = order[i * size : (i + 1) * size]
-            loss = self.loss_fn(self.model(x[batch]), y[batch])
+        for x, y in itertools.islice(batches, steps):
+            loss = self.loss_fn(self.model(x), y)
             if self.watch.diverged(loss):
                 return None
             self.optimizer.zero_grad(set_to_none=True)
@@ -258,18 +274,31 @@ class _Best:
 
 
 def _throughput(
-    model: nn.Module, config: Mapping[str, Any], train: datasets.Split, batch_size: int
+    model: nn.Module,
+    config: Mapping[str, Any],
+    train: datasets.Split | datasets.Batches,
+    batch_size: int,
 ) -> float:
-    """Training samples per second at ``batch_size``, timed on a throw-away copy of the model."""
+    """Training samples per second at ``batch_size``, timed on a throw-away copy of the model
+    (with the data loading, where a ``DataLoader`` serves the split)."""
     probe = copy.deepcopy(model).train()
     optimizer = build_optimizer(probe.parameters(), config)
     loss_fn = build_loss(config)
-    device, n = train.x.device, len(train.y)
+    device = next(probe.parameters()).device
+    loaded = None
+    if isinstance(train, datasets.Batches):  # its own loader: training's shuffle stays put
+        loader = train.loader(batch_size, seed=0)
+        loaded = itertools.chain.from_iterable(loader for _ in itertools.count())
 
     def steps(count: int) -> None:
         for _ in range(count):
-            batch = torch.randint(n, (batch_size,), device=device)
-            loss = loss_fn(probe(train.x[batch]), train.y[batch])
+            if loaded is not None:
+                x, y = (t.to(device, non_blocking=True) for t in next(loaded))
+            else:
+                assert isinstance(train, datasets.Split)
+                batch = torch.randint(len(train.y), (batch_size,), device=device)
+                x, y = train.x[batch], train.y[batch]
+            loss = loss_fn(probe(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -311,10 +340,21 @@ def _better(
 
 def _monitored(config: Mapping[str, Any]) -> tuple[str, str]:
     """The metric that picks the best epoch, and its direction (the metric's own by default)."""
-    metric = config.get("metric", "accuracy")
+    metric = config.get("metric") or ("rmse" if task_of(config) == "regression" else "accuracy")
     choose("metric", metric, DIRECTIONS)
     direction = config.get("direction") or DIRECTIONS[metric]
     choose("direction", direction, {"maximize": 1, "minimize": -1})
+    task = task_of(config)
+    if METRIC_TASKS.get(metric, task) != task:
+        allowed = ", ".join(m for m, t in METRIC_TASKS.items() if t == task)
+        raise ValueError(f"metric {metric} scores {METRIC_TASKS[metric]} but task is {task};"
+                         f" for {task} use one of {allowed} or loss.")  # fmt: skip
+    if direction != DIRECTIONS[metric]:
+        raise ValueError(
+            f"direction is {direction} but {metric} gets better when it goes"
+            f" {'up' if DIRECTIONS[metric] == 'maximize' else 'down'}: set direction:"
+            f" {DIRECTIONS[metric]}."
+        )
     return metric, direction
 
 
@@ -346,7 +386,7 @@ def validate(config: Mapping[str, Any]) -> None:
     Raises ValueError naming the key, the value and what it may be. tuner calls it on each
     stage's configs before it writes anything, so a typo is an error, not a failed stage.
     """
-    datasets.check_data(config["data"])
+    datasets.check_data(config["data"], task=task_of(config))
     check_model(config["model"])
     check_loss(config)
     check_optimizer(config)

@@ -1,4 +1,8 @@
-"""Classification metrics of a model's outputs: cheap ones per epoch, the full set once."""
+"""Metrics of a model's outputs, by task: cheap ones per epoch, the full set (scikit-learn) once.
+
+Classification takes C logits per sample, or one logit for a binary task (``bce``);
+regression takes one prediction per sample, in the target's own units.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,16 @@ DIRECTIONS = {
     "f1_macro": "maximize",
     "roc_auc": "maximize",
     "loss": "minimize",
+    "rmse": "minimize",
+    "mae": "minimize",
+    "r2": "maximize",
 }
+# The task whose outputs each metric scores (``loss`` serves both).
+METRIC_TASKS = {
+    **dict.fromkeys(("accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc"),
+                    "classification"),
+    **dict.fromkeys(("rmse", "mae", "r2"), "regression"),
+}  # fmt: skip
 
 
 def epoch_metrics(logits: torch.Tensor, y: torch.Tensor, monitored: str) -> dict[str, float]:
@@ -41,6 +54,7 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, A
     two classes) and is left out when a class is missing from ``y``. ``loss`` is the
     cross-entropy without label smoothing, computed as in ``epoch_metrics``.
     """
+    logits = _two_columns(logits)
     num_classes = logits.shape[1]
     probs = torch.softmax(logits.double(), dim=1).cpu().numpy()  # float64: rows sum to 1
     y_true = y.cpu().numpy()
@@ -62,12 +76,53 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, A
     return out
 
 
+def regression_epoch_metrics(
+    predictions: torch.Tensor, y: torch.Tensor, monitored: str
+) -> dict[str, float]:
+    """RMSE, MAE and ``loss`` (the mean squared error) in torch, plus the monitored metric.
+
+    Example:
+        >>> predictions, y = torch.tensor([[1.0], [3.0]]), torch.tensor([1.0, 1.0])
+        >>> regression_epoch_metrics(predictions, y, "rmse")
+        {'rmse': 1.4142..., 'mae': 1.0, 'loss': 2.0}
+    """
+    error = predictions.squeeze(1).double() - y.double()
+    mse = float((error**2).mean())
+    out = {"rmse": math.sqrt(mse), "mae": float(error.abs().mean()), "loss": mse}
+    if monitored not in out:
+        out[monitored] = regression_metrics(predictions, y).get(monitored, math.nan)
+    return out
+
+
+def regression_metrics(predictions: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """RMSE, MAE and R² by scikit-learn, and ``loss`` (the mean squared error), as floats."""
+    y_pred = predictions.squeeze(1).double().cpu().numpy()
+    y_true = y.double().cpu().numpy()
+    mse = float(skm.mean_squared_error(y_true, y_pred))
+    out = {"rmse": math.sqrt(mse), "mae": float(skm.mean_absolute_error(y_true, y_pred))}
+    if len(y_true) > 1:  # R² is undefined for a single sample
+        out["r2"] = float(skm.r2_score(y_true, y_pred))
+    return {**out, "loss": mse}
+
+
+def full_metrics(outputs: torch.Tensor, y: torch.Tensor, task: str) -> dict[str, Any]:
+    """``classification_metrics`` or ``regression_metrics``, as the task says."""
+    if task == "regression":
+        return regression_metrics(outputs, y)
+    return classification_metrics(outputs, y)
+
+
+def _two_columns(logits: torch.Tensor) -> torch.Tensor:
+    """One binary logit z becomes the logits (0, z): softmax gives sigmoid(z) for class 1."""
+    return torch.cat([torch.zeros_like(logits), logits], dim=1) if logits.shape[1] == 1 else logits
+
+
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return int((logits.argmax(dim=1) == y).sum()) / len(y)
+    return int((_two_columns(logits).argmax(dim=1) == y).sum()) / len(y)
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return float(F.cross_entropy(logits.float(), y))
+    return float(F.cross_entropy(_two_columns(logits).float(), y))
 
 
 def _roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float:

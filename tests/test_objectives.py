@@ -575,8 +575,15 @@ def test_test_split_is_scored_only_when_asked(monkeypatch: pytest.MonkeyPatch) -
             {"optimizer": "adamx"},
             "optimizer must be one of sgd, adam, adamw, rmsprop but got 'adamx'.",
         ),
-        ({"data": {"name": "cifar"}}, "data.name must be one of mnist1d, digits but got 'cifar'."),
-        ({"model": {"name": "vit"}}, "model.name must be one of cnn1d, mlp but got 'vit'."),
+        (
+            {"data": {"name": "cifar"}},
+            "data.name must be one of mnist1d, digits, mnist, fashion_mnist, cifar10,"
+            " image_folder, csv but got 'cifar'.",
+        ),
+        (
+            {"model": {"name": "vit"}},
+            "model.name must be one of cnn1d, mlp, cnn2d, resnet18 but got 'vit'.",
+        ),
         (
             {"model": {"norm": "weight"}},
             "model.norm must be one of none, batch, group, layer but got 'weight'.",
@@ -593,7 +600,20 @@ def test_test_split_is_scored_only_when_asked(monkeypatch: pytest.MonkeyPatch) -
             {"schedule": "step"},
             "schedule must be one of constant, cosine, onecycle but got 'step'.",
         ),
-        ({"loss": "mse"}, "loss must be one of cross_entropy but got 'mse'."),
+        (
+            {"loss": "hinge"},
+            "loss must be one of cross_entropy, focal, bce, mse, mae, huber but got 'hinge'.",
+        ),
+        (
+            {"loss": "mse", "task": "classification"},
+            "loss mse is a regression loss but task is classification;",
+        ),
+        ({"loss": "mse"}, "data.name digits is a classification set but task is regression."),
+        ({"metric": "rmse"}, "metric rmse scores regression but task is classification;"),
+        (
+            {"metric": "loss", "direction": "maximize"},
+            "direction is maximize but loss gets better when it goes down",
+        ),
         ({"metric": "auc"}, "metric must be one of accuracy, precision_macro, recall_macro,"),
         ({"model": {"depth": 0}}, "model.depth must be at least 1 but got 0."),
         ({"data": {"val_fraction": 1.5}}, "data.val_fraction must be in (0, 1) but got 1.5."),

@@ -15,3 +15,9 @@ class StageFailed(Exception):
     """A stage stopped because its trials keep failing with the same error: exit status 1."""
 
     exit_code = 1
+
+
+class CheckFailed(Exception):
+    """A pre-flight check of the model or data failed (seeds/003): exit status 3."""
+
+    exit_code = 3

@@ -56,6 +56,17 @@ def load_validator(spec: str) -> Callable[[dict[str, Any]], None] | None:
     return validate if callable(validate) else None
 
 
+def load_probe(spec: str) -> Callable[[dict[str, Any]], Any] | None:
+    """The ``probe(config)`` of an objective's module, if it has one.
+
+    A probe returns what tuner's pre-flight checks read (see ``objectives/probe.py``): the
+    splits as tensors, a fresh model, the loss and the number of classes.
+    """
+    module = importlib.import_module(spec.partition(":")[0])
+    probe = getattr(module, "probe", None)
+    return probe if callable(probe) else None
+
+
 def accepts_test(fn: Objective) -> bool:
     """Whether an objective can score the test split (takes a ``test`` keyword)."""
     try:

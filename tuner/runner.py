@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 import search_spaces
-from tuner import __version__, artifacts, notes, signals
+from tuner import __version__, artifacts, checks, diagnostics, notes, signals
 from tuner import storage as storages
 from tuner.config import StudyConfig, merged
 from tuner.errors import StageFailed, StageRefused, UserError
@@ -149,10 +149,15 @@ def make_objective(
             raise
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
-            trial.set_user_attr("traceback", traceback.format_exc(limit=-8))
+            if not isinstance(exc, MissingMetric):  # its traceback is ours: it says nothing
+                trial.set_user_attr("traceback", traceback.format_exc(limit=-8))
             raise
 
     return objective
+
+
+class MissingMetric(ValueError):
+    """The objective returned no finite value of the study's metric."""
 
 
 class _Surplus(Exception):
@@ -179,7 +184,7 @@ def _score(trial: optuna.Trial, result: Mapping[str, Any], metric: str, seconds:
         raise optuna.TrialPruned(str(record["stop_reason"]))
     value = result.get(metric)
     if not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(
+        raise MissingMetric(
             f"the objective returned no finite '{metric}' (got keys: {', '.join(result)})"
         )
     return float(value)
@@ -341,7 +346,8 @@ def work(
             break
     if progress.failing:
         last = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL][-1]
-        out(str(last.user_attrs.get("traceback", "")).rstrip())
+        if last.user_attrs.get("traceback"):
+            out(str(last.user_attrs["traceback"]).rstrip())
         raise StageFailed(
             f"Stage {plan.stage} stopped: {FAILURE_STREAK} trials in a row failed with"
             f" {progress.failures[-1]}"
@@ -458,9 +464,13 @@ def run(
     restart: bool = False,
     workers: int = 1,
     heartbeat: float = storages.HEARTBEAT_SECONDS,
+    check: bool = True,
     out: Print = print,
 ) -> None:
     """Run one stage, or all stages in order; nothing is written before the plan holds.
+
+    With ``check``, the pre-flight checks (tuner.checks) run first when the run starts at
+    the study's first stage or at its first unfinished one; a failed check raises CheckFailed.
 
     With ``workers`` > 1, each stage runs in that many processes (one torch thread each) on
     the same storage, sharing the stage's budget; the next stage is planned when all are done.
@@ -470,6 +480,8 @@ def run(
     first = plan_stage(study, stages[0], best_of(storage, study))  # may refuse: nothing written
     fn = load_objective(study.objective)
     preflight(first, stages)
+    if check and checks.due(study, stages[0], storage):
+        checks.preflight(first.incumbent, study.objective, out)
     storage = storages.open_storage(study.storage, heartbeat=heartbeat)
     budgets = stage_budgets(study, stages, trials)
     if timeout is None and study.timeout is not None:
@@ -490,7 +502,7 @@ def run(
         with bar, _Workers(plan, budget, deadline, workers - 1, heartbeat) as helpers:
             found = work(plan, storage, fn, budget, deadline=deadline, out=bar.wrap(out), bar=bar)
         helpers.check()
-        notes.write_stage_note(found)
+        notes.write_stage_note(found, diagnostics.record(found, out))
 
 
 def preflight(first: StagePlan, stages: tuple[str, ...]) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from tuner import diagnostics
 from tuner import storage as storages
 from tuner.config import StudyConfig
 from tuner.errors import StageRefused, UserError
@@ -32,6 +33,7 @@ class StageStatus:
     fixed: dict[str, Any] = field(default_factory=dict)
     lineage: dict[str, Source] = field(default_factory=dict)
     stale: list[str] = field(default_factory=list)
+    diagnostics: list[str] = field(default_factory=list)
 
 
 def collect(study: StudyConfig) -> list[StageStatus]:
@@ -69,6 +71,7 @@ def _fill(row: StageStatus, found: optuna.Study) -> None:
         row.best_value, row.best_number, row.best_params = top.value, top.number, top.params
     row.fixed = dict(found.user_attrs.get("fixed", {}))
     row.lineage = {k: Source.from_dict(v) for k, v in found.user_attrs.get("lineage", {}).items()}
+    row.diagnostics = diagnostics.diagnose(found)  # computed afresh: running stages too
 
 
 def render(study: StudyConfig, rows: list[StageStatus]) -> str:
@@ -110,6 +113,7 @@ def _details(study: StudyConfig, r: StageStatus) -> list[str]:
         or "nothing"
     )
     lines = [f"{r.stage}: best {params}", f"{' ' * len(r.stage)}  fixed {fixed}"]
+    lines += [f"{' ' * len(r.stage)}  ! {line}" for line in r.diagnostics]
     if r.running:
         lines.append(f"{' ' * len(r.stage)}  {r.running} trial(s) running now")
     if r.stale:

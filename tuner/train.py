@@ -1,11 +1,14 @@
 """``tuner train``: train an exported config, score the test split once, save the results.
 
 This is the only place the test split is read: tuning chose the config on validation data.
+With ``repeats=N`` it trains N seeds (seed, seed+1, ...) and reports the mean ± std of the
+validation and test metrics, so a real win can be told from seed noise.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,9 +22,22 @@ Print = Callable[[str], None]
 
 
 def train(
-    document: Mapping[str, Any], out: str, pairs: Mapping[str, str], print_: Print = print
+    document: Mapping[str, Any],
+    out: str,
+    pairs: Mapping[str, str],
+    print_: Print = print,
+    *,
+    repeats: int = 1,
 ) -> dict[str, Any]:
-    """Train ``document["config"]`` (with ``key=value`` changes), test it, save to ``out``."""
+    """Train ``document["config"]`` (with ``key=value`` changes), test it, save to ``out``.
+
+    With ``repeats`` > 1 the config trains again with seeds ``seed+1 ... seed+repeats-1`` (the
+    seed sets the validation split, the initialization and the batch order; the test split
+    stays), and ``metrics.yaml`` gains ``repeats``: each metric's mean, std (n-1) and values.
+    The model saved is the first seed's, the exported config's own.
+    """
+    if repeats < 1:
+        raise UserError(f"repeats={repeats}: repeats must be at least 1.")
     fn = load_objective(str(document["objective"]))
     if not accepts_test(fn):
         raise UserError(
@@ -40,7 +56,14 @@ def train(
         cells = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if _is_number(v))
         print_(f"epoch {epoch:3d}  {cells}")
 
-    result = fn(config, report, test=True)
+    seeds = _seeds(config, repeats)
+    results: list[dict[str, Any]] = []
+    for seed in seeds:
+        if repeats > 1:
+            print_(f"--- seed {seed} ({len(results) + 1} of {repeats})")
+        results.append(fn(merged(config, {"seed": seed}) if repeats > 1 else config, report,
+                          test=True))  # fmt: skip
+    result = results[0]
     folder.mkdir(parents=True, exist_ok=True)
     saved = _save_model(result.get("model"), folder / "model.pt")
     tuned = (document.get("provenance") or {}).get("value")
@@ -52,14 +75,58 @@ def train(
         "config": config,
         "provenance": document.get("provenance"),
     }
+    spread = _spread(results, seeds) if repeats > 1 else None
+    if spread is not None:
+        summary["repeats"] = spread
     (folder / "metrics.yaml").write_text(yamlio.dumps(summary), encoding="utf-8")
     value, test_value = result.get(metric), (result.get("test") or {}).get(metric)
     print_(
         f"validation {metric} {_fmt(value)} (tuned: {_fmt(tuned)});"
         f" test {metric} {_fmt(test_value)}"
     )
+    if spread is not None:
+        print_(_spread_line(spread, metric))
     print_(f"saved {folder / 'metrics.yaml'}" + (f" and {saved}" if saved else ""))
     return summary
+
+
+def _seeds(config: Mapping[str, Any], repeats: int) -> list[int]:
+    if repeats == 1:
+        return [int(config.get("seed", 0) or 0)]
+    if not isinstance(config.get("seed"), int):
+        raise UserError("repeats needs an integer `seed` key in the config, to vary per run.")
+    return [int(config["seed"]) + i for i in range(repeats)]
+
+
+def _spread(results: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """Per split, each numeric metric's mean, std (n-1) and per-seed values."""
+    spread: dict[str, Any] = {"seeds": seeds}
+    for split in ("validation", "test"):
+        rows = [_numbers(r if split == "validation" else r.get("test") or {}) for r in results]
+        keys = [k for k, v in rows[0].items() if _is_number(v)]
+        spread[split] = {
+            k: {
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values),
+                "values": values,
+            }
+            for k in keys
+            if len(values := [float(row[k]) for row in rows if _is_number(row.get(k))]) > 1
+        }
+    return spread
+
+
+def _spread_line(spread: Mapping[str, Any], metric: str) -> str:
+    seeds = spread["seeds"]
+    cells = []
+    for split in ("validation", "test"):
+        stats = spread[split].get(metric)
+        if stats is not None:
+            cells.append(f"{split} {metric} {stats['mean']:.4f} ± {stats['std']:.4f}")
+    return (
+        f"{', '.join(cells) or 'no ' + metric} (mean ± std over {len(seeds)} seeds,"
+        f" {seeds[0]}..{seeds[-1]}): a difference within about 2 std is seed noise"
+    )
 
 
 def _save_model(model: Any, path: Path) -> Path | None:

@@ -1,0 +1,227 @@
+"""Image data sets read from disk: torchvision's MNIST, FashionMNIST and CIFAR-10, and a
+user's own folder of images (one subfolder per class, torchvision's ``ImageFolder``).
+
+Nothing is downloaded unless ``data.download`` is true. Inputs are normalized per channel
+with the training split's statistics; augmentation (random crop, horizontal flip) applies to
+the training split only and is served by a ``DataLoader`` with ``data.workers`` processes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import v2
+
+from objectives.data import Batch, Batches, Data, Split, stratified_split
+
+FOLDER_TEST_SEED = 0  # a folder has no test split of its own: carve one, the same every trial
+SUBSAMPLE_SEED = 0  # data.num_samples takes the same training images in every trial
+STATS_SAMPLES = 2000  # training images read to estimate a folder's channel statistics
+
+
+class _CIFAR10(torchvision.datasets.CIFAR10):
+    """CIFAR-10 whose files are checked for presence, not by MD5 on every load (170 MB)."""
+
+    train_list: ClassVar = [[name, None] for name, _ in torchvision.datasets.CIFAR10.train_list]
+    test_list: ClassVar = [[name, None] for name, _ in torchvision.datasets.CIFAR10.test_list]
+    meta: ClassVar = {**torchvision.datasets.CIFAR10.meta, "md5": None}
+
+
+# name: (torchvision class, folder under data.root, the files it must hold)
+_IDX = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte")  # fmt: skip
+_CIFAR = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
+TORCHVISION: dict[str, tuple[Callable[..., Any], str, tuple[str, ...]]] = {
+    "mnist": (torchvision.datasets.MNIST, "MNIST/raw", _IDX),
+    "fashion_mnist": (torchvision.datasets.FashionMNIST, "FashionMNIST/raw", _IDX),
+    "cifar10": (_CIFAR10, "cifar-10-batches-py", _CIFAR),
+}
+
+
+def check(spec: Mapping[str, Any], task: str) -> None:
+    """Raise ``ValueError`` for a missing folder or file, or an impossible setting."""
+    name = str(spec["name"])
+    if task != "classification":
+        raise ValueError(f"data.name {name} is a classification set but task is {task}.")
+    for key in ("workers", "crop"):
+        if int(spec.get(key, 0)) < 0:
+            raise ValueError(f"data.{key} must be at least 0 but got {spec[key]!r}.")
+    if name == "image_folder":
+        _check_folder(spec)
+    elif not spec.get("download", False):
+        _, sub, files = TORCHVISION[name]
+        folder = Path(str(spec.get("root", "data"))).expanduser() / sub
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise ValueError(
+                f"data.name {name}: {', '.join(missing)} not found in {folder.resolve()};"
+                f" put the files there (data.root={spec.get('root', 'data')}), or set"
+                " data.download=true to fetch them."
+            )
+
+
+def _check_folder(spec: Mapping[str, Any]) -> None:
+    path = spec.get("path")
+    if not path:
+        raise ValueError("data.path must name a folder of images (one subfolder per class).")
+    folder = Path(str(path)).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"data.path {folder.resolve()} is not a folder of images.")
+    if not any(p.is_dir() for p in folder.iterdir()):
+        raise ValueError(f"data.path {folder.resolve()} has no subfolders: one per class.")
+    if int(spec.get("image_size", 32)) < 1:
+        raise ValueError(f"data.image_size must be at least 1 but got {spec['image_size']!r}.")
+    if not 0.0 < float(spec.get("test_fraction", 0.2)) < 1.0:
+        raise ValueError(
+            f"data.test_fraction must be in (0, 1) but got {spec['test_fraction']!r}."
+        )
+
+
+# --- torchvision's sets: held in memory -----------------------------------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def _arrays(name: str, root: str, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, C, H, W) uint8 and labels (N,) int64 of one split, read by torchvision."""
+    cls, _, _ = TORCHVISION[name]
+    dataset = cls(root, train=train, download=download)
+    x = np.asarray(dataset.data)
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # gray (N, H, W); RGB (N, H, W, C)
+    y = np.asarray(dataset.targets, dtype=np.int64)
+    for a in (x, y):
+        a.flags.writeable = False  # cached and shared between trials
+    return x, y
+
+
+def load_torchvision(spec: Mapping[str, Any], seed: int, device: torch.device, task: str) -> Data:
+    """Train and validation splits of MNIST, FashionMNIST or CIFAR-10 (test on request)."""
+    name, root, download = (
+        str(spec["name"]),
+        str(spec.get("root", "data")),
+        bool(spec.get("download", False)),
+    )
+    x, y = _arrays(name, str(Path(root).expanduser()), True, download)
+    keep = _subsample(y, int(spec.get("num_samples", 0) or 0))
+    train_idx, val_idx = (keep[i] for i in stratified_split(y[keep], float(spec["val_fraction"]),
+                                                             seed))  # fmt: skip
+    train_x = torch.from_numpy(x[train_idx]).float().div_(255)
+    mean, std = _channel_stats(train_x)
+
+    def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        t = images if isinstance(images, torch.Tensor) else torch.tensor(images).float() / 255
+        return t.sub_(mean[:, None, None]).div_(std[:, None, None])
+
+    train_y = torch.from_numpy(y[train_idx])
+    augment = _augmentation(spec, tuple(train_x.shape[2:]))
+    train: Split | Batches
+    if augment is None:
+        train = Split(normalize(train_x).to(device), train_y.to(device))
+    else:
+        dataset = _Tensors(normalize(train_x), train_y, augment)
+        train = Batches(dataset, train_y, int(spec.get("workers", 0)), device)
+
+    def test_split(to: torch.device) -> Split:
+        tx, ty = _arrays(name, str(Path(root).expanduser()), False, download)
+        return Split(normalize(tx).to(to), torch.tensor(ty).to(to))
+
+    return Data(
+        train=train,
+        val=Split(normalize(x[val_idx]).to(device), torch.from_numpy(y[val_idx]).to(device)),
+        num_classes=int(y.max()) + 1,
+        mean=mean.tolist(),
+        std=std.tolist(),
+        input_shape=tuple(x.shape[1:]),
+        test_split=test_split,
+    )
+
+
+def _subsample(y: np.ndarray, n: int) -> np.ndarray:
+    """``n`` rows, stratified and the same in every trial; all of them for 0."""
+    if n <= 0 or n >= len(y):
+        return np.arange(len(y))
+    _, keep = stratified_split(y, n / len(y), SUBSAMPLE_SEED)
+    return keep
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of images (N, C, H, W)."""
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3))
+    return mean, torch.where(std > 0, std, torch.ones_like(std))
+
+
+def _augmentation(spec: Mapping[str, Any], size: tuple[int, ...]) -> v2.Compose | None:
+    """Random crop (``data.crop`` pixels of padding) and ``data.flip``; None when both off."""
+    steps: list[Callable[..., Any]] = []
+    if int(spec.get("crop", 0)) > 0:
+        steps.append(v2.RandomCrop(list(size), padding=int(spec["crop"])))
+    if spec.get("flip", False):
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps) if steps else None
+
+
+class _Tensors(Dataset[Batch]):
+    """Normalized images in memory, each passed through ``transform`` when read."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: Callable[..., Any]) -> None:
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.transform(self.x[i]), self.y[i]
+
+
+# --- a user's image folder: decoded from files ----------------------------------------------
+
+
+def load_folder(spec: Mapping[str, Any], seed: int, device: torch.device, task: str) -> Data:
+    """A folder with one subfolder of images per class (``ImageFolder``): resized to
+    ``data.image_size``, normalized per channel; a fixed test split is carved from it."""
+    root, size = str(Path(str(spec["path"])).expanduser()), int(spec.get("image_size", 32))
+    workers = int(spec.get("workers", 0))
+    resize = [v2.ToImage(), v2.Resize([size, size], antialias=True),
+              v2.ToDtype(torch.float32, scale=True)]  # fmt: skip
+    plain = torchvision.datasets.ImageFolder(root, transform=v2.Compose(resize))
+    y = np.asarray(plain.targets, dtype=np.int64)
+    pool, test_idx = stratified_split(y, float(spec.get("test_fraction", 0.2)), FOLDER_TEST_SEED)
+    train_idx, val_idx = (pool[i] for i in stratified_split(y[pool], float(spec["val_fraction"]),
+                                                            seed))  # fmt: skip
+    sample = train_idx[np.random.default_rng(0).permutation(len(train_idx))[:STATS_SAMPLES]]
+    mean, std = _channel_stats(_stack(Subset(plain, sample.tolist()), workers))
+    normalize = v2.Normalize(mean.tolist(), std.tolist())
+    evaluate = torchvision.datasets.ImageFolder(root, transform=v2.Compose([*resize, normalize]))
+    augment = _augmentation(spec, (size, size))
+    train_tf = v2.Compose([*resize, normalize, *([augment] if augment else [])])
+    train_set = torchvision.datasets.ImageFolder(root, transform=train_tf)
+
+    def split(indices: np.ndarray, to: torch.device) -> Split:
+        return Split(_stack(Subset(evaluate, indices.tolist()), workers).to(to),
+                     torch.from_numpy(y[indices]).to(to))  # fmt: skip
+
+    val = split(val_idx, device)
+    return Data(
+        train=Batches(
+            Subset(train_set, train_idx.tolist()), torch.from_numpy(y[train_idx]), workers, device
+        ),
+        val=val,
+        num_classes=len(plain.classes),
+        mean=mean.tolist(),
+        std=std.tolist(),
+        input_shape=tuple(val.x.shape[1:]),
+        test_split=lambda to: split(test_idx, to),
+    )
+
+
+def _stack(dataset: Dataset[Any], workers: int) -> torch.Tensor:
+    """All images of ``dataset``, decoded by ``workers`` processes, as one tensor."""
+    loader = DataLoader(dataset, batch_size=256, num_workers=workers)
+    return torch.cat([x for x, _ in loader])
