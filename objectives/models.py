@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -11,6 +12,10 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from objectives._choice import choose
+
+# An even kernel with padding="same" pads a copy of the input: a note on speed, not a fault,
+# and printed once per run it would only puzzle a user who tuned kernel_size.
+warnings.filterwarnings("ignore", message="Using padding='same' with even kernel lengths")
 
 NORMS = ("none", "batch", "group", "layer")
 INITS = ("he", "xavier", "default")
@@ -68,20 +73,8 @@ class CNN1d(Classifier):
 
     def __init__(self, model: Mapping[str, Any], shape: tuple[int, ...], num_classes: int) -> None:
         super().__init__()
-        width, depth = int(model["width"]), int(model["depth"])
-        layers: list[nn.Module] = []
-        c_in, c_out, length = 1, width, math.prod(shape)
-        for block in range(1, depth + 1):
-            layers += _conv_block(c_in, c_out, int(model["kernel_size"]), model)
-            c_in = c_out
-            # Downsample between stages only, never after the last block (global pool follows)
-            # and never below 2 samples, so any depth fits any signal length.
-            if block % 2 == 0 and block < depth and length >= 4:
-                layers.append(nn.MaxPool1d(2))
-                length //= 2
-                c_out = min(2 * c_out, MAX_WIDENING * width)
-        self.features = nn.Sequential(*layers)
-        self.head = _head(c_in, num_classes, float(model["dropout"]))
+        self.features, channels = _conv_stack(1, 1, math.prod(shape), model)
+        self.head = _head(channels, num_classes, float(model["dropout"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.features(x.flatten(1).unsqueeze(1))  # (N, L) signal -> one channel
@@ -115,22 +108,8 @@ class CNN2d(Classifier):
 
     def __init__(self, model: Mapping[str, Any], shape: tuple[int, ...], num_classes: int) -> None:
         super().__init__()
-        width, depth, kernel = int(model["width"]), int(model["depth"]), int(model["kernel_size"])
-        layers: list[nn.Module] = []
-        c_in, c_out, size = shape[0], width, min(shape[1:])
-        for block in range(1, depth + 1):
-            layers += [
-                nn.Conv2d(c_in, c_out, kernel, padding="same", bias=model["norm"] == "none"),
-                _norm(model["norm"], c_out, 3),
-                ACTIVATIONS[model["activation"]](),
-            ]
-            c_in = c_out
-            if block % 2 == 0 and block < depth and size >= 4:
-                layers.append(nn.MaxPool2d(2))
-                size //= 2
-                c_out = min(2 * c_out, MAX_WIDENING * width)
-        self.features = nn.Sequential(*layers)
-        self.head = _head(c_in, num_classes, float(model["dropout"]))
+        self.features, channels = _conv_stack(2, shape[0], min(shape[1:]), model)
+        self.head = _head(channels, num_classes, float(model["dropout"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).mean(dim=(2, 3)))
@@ -199,22 +178,36 @@ def _head(features: int, num_classes: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Dropout(dropout), linear)
 
 
-def _conv_block(
-    c_in: int, c_out: int, kernel_size: int, model: Mapping[str, Any]
-) -> list[nn.Module]:
-    has_norm = model["norm"] != "none"  # a norm layer's shift makes the conv bias redundant
-    odd = kernel_size % 2 == 1
-    # 'Same' padding keeps the length: inside the conv when symmetric (odd kernel); an even
-    # kernel needs one more zero on the right, from an explicit pad.
-    layers: list[nn.Module] = (
-        [] if odd else [nn.ConstantPad1d(((kernel_size - 1) // 2, kernel_size // 2), 0.0)]
-    )
-    layers.append(
-        nn.Conv1d(
-            c_in, c_out, kernel_size, padding=kernel_size // 2 if odd else 0, bias=not has_norm
-        )
-    )
-    return [*layers, _norm(model["norm"], c_out, 2), ACTIVATIONS[model["activation"]]()]
+def _conv_stack(
+    dims: int, c_in: int, size: int, model: Mapping[str, Any]
+) -> tuple[nn.Sequential, int]:
+    """The feature stack of ``CNN1d`` (dims 1) and ``CNN2d`` (dims 2): conv-norm-activation
+    blocks, a 2x max-pool after every second block, the channels doubling after each pool up
+    to MAX_WIDENING x width. Returns the stack and its output channels.
+
+    ``size`` is the signal length (or the map's smaller side): pools come between stages
+    only, never after the last block (a global pool follows) and never below 2 samples, so
+    any depth fits any input.
+    """
+    width, depth = int(model["width"]), int(model["depth"])
+    conv, pool = (nn.Conv1d, nn.MaxPool1d) if dims == 1 else (nn.Conv2d, nn.MaxPool2d)
+    layers: list[nn.Module] = []
+    c_out = width
+    for block in range(1, depth + 1):
+        # 'same' padding keeps the size for odd and even kernels alike; a norm layer's shift
+        # makes the conv bias redundant.
+        bias = model["norm"] == "none"
+        layers += [
+            conv(c_in, c_out, int(model["kernel_size"]), padding="same", bias=bias),
+            _norm(model["norm"], c_out, dims + 1),
+            ACTIVATIONS[model["activation"]](),
+        ]
+        c_in = c_out
+        if block % 2 == 0 and block < depth and size >= 4:
+            layers.append(pool(2))
+            size //= 2
+            c_out = min(2 * c_out, MAX_WIDENING * width)
+    return nn.Sequential(*layers), c_in
 
 
 def _norm(kind: str, channels: int, dims: int) -> nn.Module:
