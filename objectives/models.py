@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -12,10 +11,6 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from objectives._choice import choose
-
-# An even kernel with padding="same" pads a copy of the input: a note on speed, not a fault,
-# and printed once per run it would only puzzle a user who tuned kernel_size.
-warnings.filterwarnings("ignore", message="Using padding='same' with even kernel lengths")
 
 NORMS = ("none", "batch", "group", "layer")
 INITS = ("he", "xavier", "default")
@@ -193,12 +188,22 @@ def _conv_stack(
     conv, pool = (nn.Conv1d, nn.MaxPool1d) if dims == 1 else (nn.Conv2d, nn.MaxPool2d)
     layers: list[nn.Module] = []
     c_out = width
+    kernel = int(model["kernel_size"])
     for block in range(1, depth + 1):
-        # 'same' padding keeps the size for odd and even kernels alike; a norm layer's shift
-        # makes the conv bias redundant.
+        # A norm layer's shift makes the conv bias redundant. 'Same' padding keeps the size:
+        # inside the conv for an odd kernel; an even one needs one more zero on the right (and
+        # bottom), from an explicit pad (torch's padding="same" would copy and warn).
         bias = model["norm"] == "none"
+        if kernel % 2 == 0:
+            before, after = (kernel - 1) // 2, kernel // 2
+            layers.append(
+                nn.ConstantPad1d((before, after), 0.0)
+                if dims == 1
+                else nn.ZeroPad2d((before, after, before, after))
+            )
+        padding = kernel // 2 if kernel % 2 else 0
         layers += [
-            conv(c_in, c_out, int(model["kernel_size"]), padding="same", bias=bias),
+            conv(c_in, c_out, kernel, padding=padding, bias=bias),
             _norm(model["norm"], c_out, dims + 1),
             ACTIVATIONS[model["activation"]](),
         ]
