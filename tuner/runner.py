@@ -321,7 +321,7 @@ def work(
     A worker with nothing to start waits while other trials run: if one of them fails, or
     its worker dies (its heartbeat stops and the trial is retried), this worker takes it.
     """
-    n_before = len(storages.load(storage, plan.name).trials)  # type: ignore[union-attr]
+    n_before = storage.get_n_trials(storage.get_study_id_from_name(plan.name))
     study = optuna.load_study(
         study_name=plan.name,
         storage=storage,
