@@ -3,18 +3,22 @@ user's own folder of images (one subfolder per class, torchvision's ``ImageFolde
 
 Nothing is downloaded unless ``data.download`` is true. Inputs are normalized per channel
 with the training split's statistics; augmentation (random crop, horizontal flip) applies to
-the training split only and is served by a ``DataLoader`` with ``data.workers`` processes.
+the training split only. torchvision's sets are held in memory, on the device, and augmented a
+whole batch at a time there (``Augmented``); a folder's images are decoded and augmented per
+sample by a ``DataLoader`` with ``data.workers`` processes.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
@@ -118,14 +122,9 @@ def load_torchvision(spec: Mapping[str, Any], seed: int, device: torch.device, t
         t = images if isinstance(images, torch.Tensor) else torch.tensor(images).float() / 255
         return t.sub_(mean[:, None, None]).div_(std[:, None, None])
 
-    train_y = torch.from_numpy(y[train_idx])
-    augment = _augmentation(spec, tuple(train_x.shape[2:]))
-    train: Split | Batches
-    if augment is None:
-        train = Split(normalize(train_x).to(device), train_y.to(device))
-    else:
-        dataset = _Tensors(normalize(train_x), train_y, augment)
-        train = Batches(dataset, train_y, int(spec.get("workers", 0)), device)
+    train_x, train_y = normalize(train_x).to(device), torch.from_numpy(y[train_idx]).to(device)
+    crop, flip = int(spec.get("crop", 0)), bool(spec.get("flip", False))
+    train = Augmented(train_x, train_y, crop, flip) if crop or flip else Split(train_x, train_y)
 
     def test_split(to: torch.device) -> Split:
         tx, ty = _arrays(name, str(Path(root).expanduser()), False, download)
@@ -157,27 +156,53 @@ def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, torch.where(std > 0, std, torch.ones_like(std))
 
 
+@dataclass(frozen=True)
+class Augmented(Split):
+    """Training images on the device, augmented a whole batch at a time: each a random crop of
+    the image zero-padded by ``crop`` pixels a side, and flipped left-right with probability 1/2
+    when ``flip`` (``v2.RandomCrop(padding=crop)`` and ``v2.RandomHorizontalFlip()``, as for a
+    folder, but one gather and one ``where`` per batch instead of a ``DataLoader``: airbench's
+    way). Zero is each channel's training mean: the images are normalized before the crop."""
+
+    crop: int = 0
+    flip: bool = False
+
+    def batches(self, size: int, generator: torch.Generator) -> Iterator[Batch]:
+        """One epoch of a fresh shuffle, crops and flips, all drawn from ``generator``."""
+        n, device = len(self.y), self.x.device
+        # Drawn on the CPU, once an epoch: the same numbers on every device, and no sync.
+        order = torch.randperm(n, generator=generator).to(device)
+        corners = torch.randint(2 * self.crop + 1, (n, 2), generator=generator).to(device)
+        flips = (torch.rand(n, generator=generator) < 0.5).to(device)
+        for i in range(n // size):
+            rows = slice(i * size, (i + 1) * size)
+            batch = order[rows]
+            x = _crop(self.x[batch], corners[rows], self.crop) if self.crop else self.x[batch]
+            if self.flip:
+                x = torch.where(flips[rows, None, None, None], x.flip(3), x)
+            yield x, self.y[batch]
+
+
+def _crop(x: torch.Tensor, corners: torch.Tensor, pad: int) -> torch.Tensor:
+    """Images ``x`` (N, C, H, W) zero-padded by ``pad`` a side, each cut back to H x W from its
+    own top-left corner ``corners`` (N, 2: row, column in the padded image)."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad)).flatten(2)  # (N, C, (H + 2 pad) (W + 2 pad))
+    rows = corners[:, :1] + torch.arange(h, device=x.device)  # (N, H)
+    cols = corners[:, 1:] + torch.arange(w, device=x.device)  # (N, W)
+    index = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).flatten(1)  # (N, H W)
+    return padded.gather(2, index[:, None, :].expand(n, c, h * w)).view(n, c, h, w)
+
+
 def _augmentation(spec: Mapping[str, Any], size: tuple[int, ...]) -> v2.Compose | None:
-    """Random crop (``data.crop`` pixels of padding) and ``data.flip``; None when both off."""
+    """A folder's per-sample random crop (``data.crop`` pixels of padding) and ``data.flip``;
+    None when both are off."""
     steps: list[Callable[..., Any]] = []
     if int(spec.get("crop", 0)) > 0:
         steps.append(v2.RandomCrop(list(size), padding=int(spec["crop"])))
     if spec.get("flip", False):
         steps.append(v2.RandomHorizontalFlip())
     return v2.Compose(steps) if steps else None
-
-
-class _Tensors(Dataset[Batch]):
-    """Normalized images in memory, each passed through ``transform`` when read."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: Callable[..., Any]) -> None:
-        self.x, self.y, self.transform = x, y, transform
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> Batch:
-        return self.transform(self.x[i]), self.y[i]
 
 
 # --- a user's image folder: decoded from files ----------------------------------------------

@@ -2,8 +2,9 @@
 
 MNIST-1D and digits are generated or bundled; torchvision's MNIST, FashionMNIST and CIFAR-10
 and a user's image folder are read from disk (``objectives._images``), a user's CSV table
-through pandas (``objectives._tables``). Sets that fit and need no augmentation train from
-tensors indexed directly; the others from a ``DataLoader`` (``data.workers`` processes).
+through pandas (``objectives._tables``). Sets that fit train from tensors on the device,
+indexed directly (torchvision's images augmented there a whole batch at a time); a folder of
+image files from a ``DataLoader`` (``data.workers`` processes).
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class Batches:
-    """A training split served by a ``DataLoader``: for images decoded from files or
-    augmented per sample. ``y`` holds all labels (on CPU); ``batches`` is ``Split``'s twin."""
+    """A training split served by a ``DataLoader``: for images decoded from files (and
+    augmented per sample). ``y`` holds all labels (on CPU); ``batches`` is ``Split``'s twin."""
 
     def __init__(
         self,

@@ -33,6 +33,7 @@ from objectives.optim import build_optimizer, build_schedule, check_optimizer, c
 Report = Callable[[int, dict[str, float]], None]
 DIVERGENCE_FACTOR = 3.0  # a batch loss this many times the first batch's ends the run
 EVAL_CHUNK = 1024  # samples per forward pass when evaluating
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # the ``precision`` key's values
 
 
 def train(
@@ -45,7 +46,9 @@ def train(
     Training stops after ``patience`` epochs without a better validation metric, at
     ``epochs``, on divergence, or when memory runs out; the best epoch's weights are restored.
     With ``time_budget`` (seconds) the training step is timed first and the run trains for
-    budget x throughput samples, in whole steps, instead of ``epochs``.
+    budget x throughput samples, in whole steps, instead of ``epochs``. ``precision``
+    (``auto``, ``fp32``, ``bf16``, ``fp16``) picks autocast for the forward passes; ``auto``
+    is bf16 on a CUDA GPU that has it and fp32 elsewhere, so CPU runs stay plain float32.
 
     Example:
         >>> import yaml
@@ -79,6 +82,7 @@ def train(
     device = resolve_device(str(config["device"]))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        _tune_cuda(exact=str(config.get("precision", "auto")) == "fp32")
     start = time.perf_counter()
     try:
         return _train(config, report, test, device)
@@ -106,6 +110,7 @@ def _train(
 
 def _prepare(config: Mapping[str, Any], device: torch.device) -> _Run:
     """Seed, load the data, build the model and, with a time budget, time the training step."""
+    precision = resolve_precision(str(config.get("precision", "auto")), device)
     seed = int(config["seed"])
     torch.manual_seed(seed)
     data = datasets.load(config["data"], seed, device, task=task_of(config))
@@ -116,9 +121,9 @@ def _prepare(config: Mapping[str, Any], device: torch.device) -> _Run:
     batch_size = min(int(config["batch_size"]), len(data.train.y))
     probe = None
     if config.get("time_budget") is not None:
-        probe = _throughput(model, config, data.train, batch_size)
+        probe = _throughput(model, config, data.train, batch_size, precision)
     torch.manual_seed(seed)  # the same random state for training whether a probe ran or not
-    return _Run(model, data, config, batch_size, probe)
+    return _Run(model, data, config, batch_size, probe, _Mixed(precision, device))
 
 
 def _fit(run: _Run, config: Mapping[str, Any], report: Report | None) -> tuple[_Best | None, str]:
@@ -134,7 +139,7 @@ def _fit(run: _Run, config: Mapping[str, Any], report: Report | None) -> tuple[_
             if train_loss is None:
                 stop = "diverged"
                 break
-            logits = run.data.unscale(_predict(run.model, run.data.val.x))
+            logits = run.data.unscale(_predict(run.model, run.data.val.x, run.mixed))
             cheap = (
                 epoch_metrics if run.data.task == "classification" else regression_epoch_metrics
             )
@@ -165,7 +170,7 @@ def _summarize(
         result.update({k: v for k, v in best.metrics.items() if not math.isnan(v)})
         if test:  # scored with the best weights, once; no epoch finished: nothing to score
             split = datasets.load_test(config["data"], data, data.val.x.device)
-            outputs = data.unscale(_predict(model, split.x))
+            outputs = data.unscale(_predict(model, split.x, run.mixed))
             result["test"] = full_metrics(outputs, split.y, data.task)
     samples = run.steps_done * run.batch_size
     result.update(
@@ -194,8 +199,10 @@ class _Run:
         config: Mapping[str, Any],
         batch_size: int,
         probe: float | None,
+        mixed: _Mixed,
     ) -> None:
         self.model, self.data, self.batch_size, self.probe = model, data, batch_size, probe
+        self.mixed = mixed
         self.steps_per_epoch = len(data.train.y) // batch_size  # a partial last batch is dropped
         if probe is None:
             self.total_steps = int(config["epochs"]) * self.steps_per_epoch
@@ -222,16 +229,38 @@ class _Run:
         total = torch.zeros((), device=self.data.val.x.device)  # summed there: no sync per step
         self.model.train()
         for x, y in itertools.islice(batches, steps):
-            loss = self.loss_fn(self.model(x), y)
+            with self.mixed.autocast():
+                loss = self.loss_fn(self.model(x), y)
             if self.watch.diverged(loss):
                 return None
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.mixed.backward_step(loss, self.optimizer)
             self.schedule.step()
             total += loss.detach()
             self.steps_done += 1
         return None if self.watch.check() else float(total) / steps
+
+
+class _Mixed:
+    """Autocast of the forward pass and loss to ``dtype`` (None: none, plain float32), with loss
+    scaling for float16, whose small gradients would underflow to zero without it."""
+
+    def __init__(self, dtype: torch.dtype | None, device: torch.device) -> None:
+        self.dtype, self.device_type = dtype, device.type
+        # Disabled (fp32, bf16) it hands the loss and the step through untouched.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Backward and optimizer step; under fp16, a step with inf/NaN gradients is skipped
+        (with a fused optimizer on CUDA the scaler decides on the device, without a sync)."""
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
 
 
 class _DivergenceWatch:
@@ -240,21 +269,24 @@ class _DivergenceWatch:
     A fresh classifier starts near ln C (exactly, with the zero head) and healthy training only
     lowers it; a batch three times above the start means the steps throw the weights off (the
     learning rate is too high), and such a run does not recover within a trial's few epochs.
-    On CPU the check runs every step; on a GPU once per epoch, on the worst loss kept on the
-    device, because reading a value every step would stall the GPU.
+    On CPU the check runs every step, on the loss read as a float; on a GPU once per epoch, on
+    the worst loss kept on the device, because reading a value every step would stall the GPU.
     """
 
     def __init__(self, per_step: bool) -> None:
         self.per_step = per_step
         self.first: torch.Tensor | None = None
-        self.worst: torch.Tensor | None = None
+        self.worst: torch.Tensor | None = None  # per epoch only: the running maximum
 
     def diverged(self, loss: torch.Tensor) -> bool:
         loss = loss.detach()
         if self.first is None:
             self.first = loss
+        if self.per_step:  # the run stops at the first bad loss: no running maximum needed
+            value = float(loss)
+            return not math.isfinite(value) or value > DIVERGENCE_FACTOR * float(self.first)
         self.worst = loss if self.worst is None else torch.maximum(self.worst, loss)  # NaN sticks
-        return self.per_step and self.check()
+        return False
 
     def check(self) -> bool:
         if self.worst is None or self.first is None:
@@ -278,30 +310,23 @@ def _throughput(
     config: Mapping[str, Any],
     train: datasets.Split | datasets.Batches,
     batch_size: int,
+    precision: torch.dtype | None = None,
 ) -> float:
     """Training samples per second at ``batch_size``, timed on a throw-away copy of the model
-    (with the data loading, where a ``DataLoader`` serves the split)."""
+    with the data loading (and augmentation) of the split, in the run's precision."""
     probe = copy.deepcopy(model).train()
     optimizer = build_optimizer(probe.parameters(), config)
     loss_fn = build_loss(config)
     device = next(probe.parameters()).device
-    loaded = None
-    if isinstance(train, datasets.Batches):  # its own loader: training's shuffle stays put
-        loader = train.loader(batch_size, seed=0)
-        loaded = itertools.chain.from_iterable(loader for _ in itertools.count())
+    mixed = _Mixed(precision, device)
+    batches = _endless(train, batch_size, device)
 
     def steps(count: int) -> None:
-        for _ in range(count):
-            if loaded is not None:
-                x, y = (t.to(device, non_blocking=True) for t in next(loaded))
-            else:
-                assert isinstance(train, datasets.Split)
-                batch = torch.randint(len(train.y), (batch_size,), device=device)
-                x, y = train.x[batch], train.y[batch]
-            loss = loss_fn(probe(x), y)
+        for x, y in itertools.islice(batches, count):
+            with mixed.autocast():
+                loss = loss_fn(probe(x), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            mixed.backward_step(loss, optimizer)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -313,10 +338,26 @@ def _throughput(
     return timed * batch_size / (time.perf_counter() - start)
 
 
-def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _endless(
+    train: datasets.Split | datasets.Batches, batch_size: int, device: torch.device
+) -> Iterator[datasets.Batch]:
+    """Training batches without end, shuffled apart from training's own order."""
+    if isinstance(train, datasets.Batches):  # its own loader: training's shuffle stays put
+        loader = train.loader(batch_size, seed=0)
+        while True:
+            for x, y in loader:
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    order = torch.Generator().manual_seed(0)
+    while True:
+        yield from train.batches(batch_size, order)
+
+
+def _predict(model: nn.Module, x: torch.Tensor, mixed: _Mixed) -> torch.Tensor:
+    """The model's outputs for ``x``, in float32 whatever the autocast: metrics are fp32."""
     model.eval()
-    with torch.inference_mode():
-        return torch.cat([model(x[i : i + EVAL_CHUNK]) for i in range(0, len(x), EVAL_CHUNK)])
+    with torch.inference_mode(), mixed.autocast():
+        chunks = [model(x[i : i + EVAL_CHUNK]).float() for i in range(0, len(x), EVAL_CHUNK)]
+    return torch.cat(chunks)
 
 
 def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -371,6 +412,29 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device``; None is plain float32.
+
+    ``auto`` is bf16 on a CUDA GPU that supports it and fp32 otherwise, the CPU included: a CPU
+    run's numbers do not depend on it. bf16 keeps fp32's range (no loss scaling); fp16 needs it.
+    """
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else None
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision bf16 needs a GPU with bfloat16 but {device} has none;"
+                         " use fp16 or auto.")  # fmt: skip
+    return choose("precision", name, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16})
+
+
+def _tune_cuda(exact: bool) -> None:
+    """TF32 for float32 matmuls and convolutions (unless ``precision: fp32`` asks for exact
+    float32), and cuDNN's autotuner: it picks the fastest convolution for each input shape."""
+    torch.backends.cuda.matmul.allow_tf32 = not exact  # set both ways: the flags are global
+    torch.backends.cudnn.allow_tf32 = not exact
+    torch.backends.cudnn.benchmark = True
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20  # this run's tensors, MiB
@@ -392,6 +456,7 @@ def validate(config: Mapping[str, Any]) -> None:
     check_optimizer(config)
     check_schedule(config)
     _monitored(config)
+    choose("precision", config.get("precision", "auto"), dict.fromkeys(PRECISIONS))
     keys = ["batch_size"] + (["epochs"] if config.get("time_budget") is None else [])
     for key in keys:
         if int(config[key]) < 1:

@@ -7,6 +7,8 @@ checks off (``check=false``: tests/test_checks.py covers them), tiny models and 
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import re
 import sys
@@ -77,7 +79,7 @@ def test_mnist_idx_files_tune_through_the_cli(study: str, folder: str, tmp_path:
 
 def test_cifar10_pickled_batches_tune_a_resnet18_through_the_cli(tmp_path: Path) -> None:
     fake_data.write_cifar10(tmp_path / "data")
-    # the study's own crop, flip and 2 DataLoader workers; a narrow ResNet-18
+    # the study's own crops and flips (on the tensors, a batch at a time); a narrow ResNet-18
     stages = tune(tmp_path, "cifar10", f"data.root={tmp_path / 'data'}", "model.width=4",
                   "batch_size=32")  # fmt: skip
     assert_every_stage_completed(stages, CLASSIFICATION)
@@ -248,19 +250,53 @@ def test_the_test_split_is_read_only_when_asked(
     assert len(data.load_test(spec, d, CPU)) == 40  # t10k: all of it
 
 
-def test_augmentation_serves_the_training_split_through_a_dataloader(tmp_path: Path) -> None:
+def test_images_in_memory_are_cropped_and_flipped_a_batch_at_a_time(tmp_path: Path) -> None:
     fake_data.write_cifar10(tmp_path)
     spec = {"name": "cifar10", "root": str(tmp_path), "val_fraction": 0.2, "crop": 4,
-            "flip": True, "workers": 0}  # fmt: skip
+            "flip": True}  # fmt: skip
+    train = data.load(spec, 0, CPU).train
+    # torchvision's sets stay tensors (on the device): no DataLoader, no per-sample transform
+    assert isinstance(train, _images.Augmented) and (train.crop, train.flip) == (4, True)
+    source = train.x
+    numbered = dataclasses.replace(train, y=torch.arange(len(source)))  # labels name the image
+    batches = list(numbered.batches(16, torch.Generator().manual_seed(0)))
+    assert len(batches) == 80 // 16  # whole batches
+    corners, flips = set(), set()
+    for x, ids in batches:
+        for image, i in zip(x, ids.tolist(), strict=True):
+            padded = F.pad(source[i], (4, 4, 4, 4))  # zeros: each channel's training mean
+            found = [(top, left, flip) for top, left in itertools.product(range(9), repeat=2)
+                     for flip in (False, True)
+                     if torch.equal(image, _window(padded, top, left, flip))]  # fmt: skip
+            # each image is a 32x32 window of its zero-padded source, flipped or not
+            assert found, i
+            corners.add(found[0][:2])
+            flips.add(found[0][2])
+    # the windows move about the padded image, and about half the images are flipped
+    assert len(corners) > 20 and flips == {False, True}
+    again = list(numbered.batches(16, torch.Generator().manual_seed(0)))
+    # the same generator gives the same shuffle, crops and flips
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))
+
+
+def _window(padded: torch.Tensor, top: int, left: int, flip: bool) -> torch.Tensor:
+    window = padded[:, top : top + 32, left : left + 32]
+    return window.flip(2) if flip else window
+
+
+def test_a_folder_of_images_is_augmented_per_sample_by_a_dataloader(tmp_path: Path) -> None:
+    fake_data.write_image_folder(tmp_path / "images")
+    spec = {"name": "image_folder", "path": str(tmp_path / "images"), "val_fraction": 0.2,
+            "image_size": 12, "crop": 2, "flip": True, "workers": 0}  # fmt: skip
 
     def epoch() -> list[torch.Tensor]:
         d = data.load(spec, 0, CPU)
+        # files are decoded (and augmented) per sample by a DataLoader
         assert isinstance(d.train, data.Batches) and isinstance(d.val, data.Split)
         torch.manual_seed(0)  # in this process (workers 0) augmentation draws from torch's RNG
-        return [x for x, _ in d.train.batches(16, torch.Generator().manual_seed(0))]
+        return [x for x, _ in d.train.batches(4, torch.Generator().manual_seed(0))]
 
     first, again = epoch(), epoch()
-    assert len(first) == 80 // 16  # whole batches
     # the same seeds give the same shuffled, augmented batches
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 

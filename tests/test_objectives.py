@@ -44,6 +44,7 @@ def tiny(**changes: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "seed": 0,
         "device": "cpu",
+        "precision": "auto",
         "data": {"name": "digits", "num_samples": 0, "val_fraction": 0.2},
         "model": {
             "name": "mlp",
@@ -618,6 +619,7 @@ def test_test_split_is_scored_only_when_asked(monkeypatch: pytest.MonkeyPatch) -
         ({"model": {"depth": 0}}, "model.depth must be at least 1 but got 0."),
         ({"data": {"val_fraction": 1.5}}, "data.val_fraction must be in (0, 1) but got 1.5."),
         ({"device": "tpu:x"}, "device must be auto, cpu or cuda[:N] but got 'tpu:x'."),
+        ({"precision": "fp8"}, "precision must be one of auto, fp32, bf16, fp16 but got 'fp8'."),
     ],
 )
 def test_invalid_values_are_one_clear_error(changes: dict[str, Any], message: str) -> None:
@@ -653,6 +655,114 @@ def test_auto_device_falls_back_to_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     # auto means CUDA only when there is one
     assert loop.resolve_device("auto") == CPU
+
+
+# --- precision and the GPU path --------------------------------------------------------------
+
+
+def test_auto_precision_on_the_cpu_is_plain_float32() -> None:
+    cnn = {"name": "cnn1d", "width": 4, "depth": 2}
+    fp32 = objectives.train(tiny(model=cnn, precision="fp32"))
+    auto = objectives.train(tiny(model=cnn, precision="auto"))
+    unset = tiny(model=cnn)
+    del unset["precision"]
+    # auto is fp32 on a CPU: the same numbers to the last bit
+    assert plain(auto) == plain(fp32)
+    # a config without the key (an older export) is auto
+    assert plain(objectives.train(unset)) == plain(fp32)
+
+
+def test_bf16_autocast_trains_on_the_cpu_and_scores_in_float32() -> None:
+    cnn = {"name": "cnn1d", "width": 4, "depth": 2}
+    bf16 = objectives.train(tiny(model=cnn, precision="bf16"))
+    fp32 = objectives.train(tiny(model=cnn, precision="fp32"))
+    # it trains and scores like any run
+    assert facts(bf16) == ("max_epochs", 2, 2) and 0 < bf16["accuracy"] <= 1
+    # the forward passes really ran in bfloat16: other numbers than fp32's
+    assert plain(bf16) != plain(fp32)
+    # autocast leaves the weights in float32
+    assert all(p.dtype == torch.float32 for p in bf16["model"].parameters())
+    mixed = loop._Mixed(torch.bfloat16, CPU)
+    outputs = loop._predict(bf16["model"], torch.randn(5, 64), mixed)
+    # evaluation runs under autocast but hands float32 outputs to the metrics
+    assert outputs.dtype == torch.float32
+
+
+def test_only_fp16_scales_the_loss() -> None:
+    # fp16's small gradients underflow without a scaler; bf16 keeps fp32's range
+    assert loop._Mixed(torch.float16, CPU).scaler.is_enabled()
+    assert not loop._Mixed(torch.bfloat16, CPU).scaler.is_enabled()
+    assert not loop._Mixed(None, CPU).scaler.is_enabled()
+    result = objectives.train(tiny(precision="fp16"))
+    # an fp16 run with its scaler trains to the end
+    assert facts(result)[0] == "max_epochs" and 0 < result["accuracy"] <= 1
+
+
+def test_auto_precision_is_bf16_on_a_gpu_that_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    # auto on a bf16 GPU autocasts to bfloat16
+    assert loop.resolve_precision("auto", gpu) == torch.bfloat16
+    # fp32 stays fp32, fp16 is fp16
+    assert loop.resolve_precision("fp32", gpu) is None
+    assert loop.resolve_precision("fp16", gpu) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    # without bf16, auto falls back to fp32
+    assert loop.resolve_precision("auto", gpu) is None
+    # asking for bf16 there is one clear error
+    with pytest.raises(ValueError, match=r"^precision bf16 needs a GPU with bfloat16 but cuda"):
+        loop.resolve_precision("bf16", gpu)
+
+
+def test_cuda_gets_tf32_and_the_cudnn_autotuner_unless_fp32_is_asked() -> None:
+    flags = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+    )
+    try:
+        loop._tune_cuda(exact=False)
+        # TF32 matmuls and convolutions, and cuDNN picks its fastest algorithm
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.benchmark
+        loop._tune_cuda(exact=True)
+        # precision fp32 is exact float32: TF32 off again (the flags are process-wide)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.benchmark,
+        ) = flags
+
+
+def test_training_steps_read_nothing_back_from_the_device() -> None:
+    run = loop._prepare(tiny(optimizer="sgd", epochs=3), CPU)
+    run.watch.per_step = False  # as on a GPU: the divergence check once per epoch
+
+    def reads(steps: int) -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run._steps(steps)
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
+
+    # every host read of a tensor (item, float, bool) would stall a GPU: only the epoch's
+    # mean loss and the divergence check read, however many steps the epoch has
+    assert reads(2) == reads(10) == 3
+
+
+def test_optimizers_are_fused_on_a_gpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in optim.OPTIMIZERS:
+        opt = optim.build_optimizer(nn.Linear(2, 2).parameters(), tiny(optimizer=name))
+        # on the CPU torch's default update: CPU results stay as they were
+        assert not opt.defaults.get("fused"), name
+    monkeypatch.setattr(optim, "_fused", lambda params: {"fused": True})  # as for CUDA tensors
+    for name in ("sgd", "adam", "adamw"):
+        net = nn.Linear(2, 2)
+        opt = optim.build_optimizer(net.parameters(), tiny(optimizer=name))
+        net(torch.ones(1, 2)).sum().backward()
+        opt.step()
+        # each of them takes fused=True (one kernel per step, fp16 scaling without a sync)
+        assert opt.defaults["fused"] is True, name
 
 
 def test_the_default_study_config_is_valid() -> None:

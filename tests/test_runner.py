@@ -10,12 +10,19 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from tuner import runner
 from tuner import storage as storages
 from tuner.config import apply_overrides, load_study
 from tuner.errors import StageFailed, StageRefused
 from tuner.plan import plan_stage
 from tuner.results import best_of, best_trial
-from tuner.runner import Budget, run_stage, stage_budgets, stage_timeout
+from tuner.runner import (
+    Budget,
+    _CachedPercentilePruner,
+    run_stage,
+    stage_budgets,
+    stage_timeout,
+)
 
 
 @pytest.fixture()
@@ -58,8 +65,8 @@ def test_the_batch_stage_runs_every_candidate_incumbent_first(study) -> None:
         seen.append((config["batch_size"], config["time_budget"]))
         return {"accuracy": 0.5 + config["batch_size"] / 1000}
 
-    s = run(study, "batch_size", fn, 5)
-    assert seen == [(64, 3.0), (16, 3.0), (32, 3.0), (128, 3.0), (256, 3.0)]
+    s = run(study, "batch_size", fn, 4)
+    assert seen == [(64, 3.0), (32, 3.0), (128, 3.0), (256, 3.0)]
     assert s.best_params == {"batch_size": 256}
 
 
@@ -161,3 +168,138 @@ def test_run_budgets_share_trials_and_time_as_the_study_says(study) -> None:
     # 100 s left for lr, optimizer, architecture (shares 3, 3, 3): a third each.
     assert stage_timeout(study, "lr", stages[1:], 100.0) == pytest.approx(100 / 3)
     assert stage_timeout(study, "lr", stages[1:], None) is None
+
+
+def test_a_trials_results_and_epochs_are_stored_with_it(study) -> None:
+    s = run(with_batch(study), "lr", quadratic, 2)
+    trial = s.trials[1]
+    result = quadratic(trial.user_attrs["config"], lambda epoch, metrics: None)
+    # Every key the objective returned is a user attr, beside the config and the timing.
+    assert {k: trial.user_attrs[k] for k in result} == result
+    assert {"config", "trial_seconds"} <= set(trial.user_attrs)
+    # Every epoch's validation metric is an intermediate value, as the dashboard plots it.
+    assert trial.intermediate_values == {e: result["accuracy"] * e / 3 for e in (1, 2, 3)}
+
+
+def test_a_failed_trial_keeps_its_error_and_traceback(study) -> None:
+    calls = []
+
+    def flaky(config, report):
+        calls.append(config)
+        if len(calls) == 2:  # the second trial fails; a failed trial does not count
+            raise RuntimeError("no such layer")
+        return {"accuracy": 0.5}
+
+    s = run(with_batch(study), "lr", flaky, 2)
+    failed = [t for t in s.trials if t.state == TrialState.FAIL]
+    assert failed and failed[0].user_attrs["error"] == "RuntimeError: no such layer"
+    assert "raise RuntimeError" in failed[0].user_attrs["traceback"]  # where it came from
+
+
+def test_progress_lines_count_finished_trials_and_name_the_best(study) -> None:
+    lines: list[str] = []
+    storage = storages.open_storage(study.storage)
+    fixed = with_batch(study)
+    plan = plan_stage(fixed, "lr", best_of(storage, fixed))
+    s = run_stage(plan, storage, quadratic, Budget(4, None), out=lines.append)
+    best = best_trial(s)
+    assert best is not None
+    trial_lines = [line for line in lines if line.startswith("[lr ")]
+    # One line per trial, n of N finished, and the best so far as best_trial picks it.
+    assert [line.split("]")[0] for line in trial_lines] == [f"[lr {n}/4" for n in (1, 2, 3, 4)]
+    assert f"best {best.value:.4f} (#{best.number})" in trial_lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("curve", "decisions"),
+    [
+        ([0.1, 0.1, 0.1, 0.1], [True, True, True, True]),  # below every other trial
+        ([0.9, 0.9, 0.9, 0.9], [False, False, False, False]),  # above them
+        ([0.56, 0.58, 0.62, 0.64], [False, True, True, True]),  # overtaken as others finish
+    ],
+)
+def test_the_cached_median_pruner_decides_as_optunas(
+    tmp_path: Path, curve: list[float], decisions: list[bool]
+) -> None:
+    study = optuna.create_study(
+        storage=storages.open_storage(f"sqlite:///{tmp_path}/t.db"), direction="maximize"
+    )
+
+    def finish(value: float) -> None:
+        study.add_trial(optuna.trial.create_trial(
+            value=value, intermediate_values={step: value for step in (1, 2, 3, 4)}
+        ))  # fmt: skip
+
+    for value in (0.3, 0.5, 0.6, 0.7):
+        finish(value)
+    plain = optuna.pruners.MedianPruner(n_startup_trials=3)
+    cached = _CachedPercentilePruner(optuna.pruners.MedianPruner(n_startup_trials=3))
+    seen = []
+    for step in (1, 2, 3, 4):
+        running = optuna.trial.create_trial(
+            state=TrialState.RUNNING, intermediate_values=dict(enumerate(curve[:step], 1))
+        )
+        # Same trials, same decision: reading COMPLETE trials less often changes nothing.
+        assert cached.prune(study, running) == plain.prune(study, running)
+        seen.append(cached.prune(study, running))
+        finish(0.8)  # another worker finishes a trial: the next decision counts it
+    assert seen == decisions
+
+
+class FakeClock:
+    """The runner's clock, advanced only by the objective's epochs: timing without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def time(self) -> float:
+        return self.now
+
+    perf_counter = time
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_trial_still_running_when_time_is_up_keeps_its_best_epoch(study, monkeypatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(runner, "time", clock)
+
+    def slow(config, report):
+        for epoch, value in enumerate([0.5, 0.8, 0.7, 0.9, 0.95], start=1):
+            clock.sleep(0.3)
+            report(epoch, {"accuracy": value, "loss": 1.0 - value})
+        return {"accuracy": 0.95, "stop_reason": "max_epochs"}
+
+    storage = storages.open_storage(study.storage)
+    plan = plan_stage(with_batch(study), "lr", best_of(storage, study))
+    s = run_stage(plan, storage, slow, Budget(3, 0.7), out=lambda line: None)
+    first = s.trials[0]
+    # At 0.6 s a third 0.3 s epoch would end after the 0.7 s deadline: stopped after epoch 2,
+    # COMPLETE with its best epoch so far (not PRUNED), so a short run still gives the next
+    # stage a value to fix.
+    assert first.state == TrialState.COMPLETE
+    assert first.value == 0.8
+    attrs = first.user_attrs
+    assert (attrs["stop_reason"], attrs["best_epoch"], attrs["epochs_run"]) == (
+        "out_of_time",
+        2,
+        2,
+    )
+    assert attrs["loss"] == pytest.approx(0.2)  # the best epoch's other metrics come along
+    assert len(s.trials) == 1  # no trial starts that could not report once in time
+
+
+def test_a_run_stops_after_a_stage_without_a_result_and_says_why(study, monkeypatch) -> None:
+    def diverges(config, report):
+        return {"stop_reason": "diverged"}  # every trial is PRUNED
+
+    monkeypatch.setattr(runner, "load_objective", lambda spec: diverges)
+    with pytest.raises(StageFailed) as caught:
+        runner.run(study, stage=None, trials=None, check=False, out=lambda line: None)
+    # The run stops at the stage with no result, naming it and why its trials ended,
+    # rather than refusing the next stage for want of a batch size.
+    assert str(caught.value) == (
+        "Stage batch_size ended with no COMPLETE trial (4 pruned); the last one: PRUNED"
+        " (diverged), and the stages after it need its best values; see `python -m tuner status`."
+    )

@@ -11,9 +11,15 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from tests import fake_study
+from tuner import storage as storages
+from tuner.config import apply_overrides, load_study
+from tuner.plan import StagePlan, plan_stage
+from tuner.results import best_of
+from tuner.runner import Budget, make_objective, start_stage, work
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -137,3 +143,74 @@ def test_sigterm_ends_a_run_like_ctrl_c(tmp_path: Path, sig: signal.Signals) -> 
     run.communicate(timeout=60)
     assert run.returncode == 130
     assert [t.state for t in trials(storage)].count(TrialState.RUNNING) == 0  # none left hanging
+
+
+# --- the budget rules, decided from the trials' states (fake trials, one process) ------------
+
+
+def lr_stage(tmp_path: Path, trials: int) -> tuple[StagePlan, BaseStorage, optuna.Study]:
+    """The fake study's lr stage, started: its plan, its storage, its (empty) study."""
+    fake_study.write(tmp_path, trials=trials)
+    config = load_study(str(tmp_path / "fake.yaml"))
+    config = apply_overrides(config, {"storage": f"sqlite:///{tmp_path}/tuner.db"}, {}).study
+    storage = storages.open_storage(config.storage)
+    plan = plan_stage(config, "lr", best_of(storage, config))
+    start_stage(plan, storage, Budget(trials, None), out=lambda line: None)
+    return plan, storage, optuna.load_study(study_name=plan.name, storage=storage)
+
+
+def score(config, report):
+    report(1, {"accuracy": 0.5})
+    return {"accuracy": config["lr"]}
+
+
+def test_a_trial_that_finds_the_budget_taken_is_surplus(tmp_path: Path) -> None:
+    plan, _, study = lr_stage(tmp_path, trials=2)
+    study.ask()  # the incumbent, taken by another worker
+    study.ask()  # ... and a second trial: the budget of 2 is taken
+    study.optimize(make_objective(plan, score, budget=2), n_trials=1, catch=(Exception,))
+    late = study.trials[-1]
+    # Two live trials numbered before it: it ends at once, FAILed as surplus, untrained.
+    assert late.state == TrialState.FAIL and late.user_attrs["stop_reason"] == "surplus"
+    assert "config" not in late.user_attrs
+
+
+def test_a_retried_trial_within_the_budget_runs_and_one_beyond_does_not(
+    tmp_path: Path,
+) -> None:
+    plan, storage, study = lr_stage(tmp_path, trials=3)
+    work(plan, storage, score, Budget(2, None), out=lambda line: None)  # 2 finished
+    retry = {"lr": 0.02, "schedule": "cosine", "warmup": 0.1}
+    study.enqueue_trial(retry)  # as a dead worker's trial is enqueued again
+    study.enqueue_trial({"lr": 0.03, "schedule": "cosine", "warmup": 0.1})
+    work(plan, storage, score, Budget(3, None), out=lambda line: None)
+    states = [t.state for t in study.trials]
+    # The waiting trial within the budget of 3 runs; the one beyond it stays waiting.
+    assert states == [TrialState.COMPLETE] * 3 + [TrialState.WAITING]
+    assert study.trials[2].params == retry
+
+
+def test_worker_processes_start_once_and_serve_every_stage_of_a_run(tmp_path: Path) -> None:
+    fake_study.write(tmp_path, trials=12, epochs=2, sleep=0.5)
+    two_stages = (
+        (tmp_path / "fake.yaml")
+        .read_text()
+        .replace("stages: [lr]", "stages: [lr, optimizer]")
+        .replace("trials: {lr: 12}", "trials: {lr: 12, optimizer: 6}")
+    )
+    extra = "  optimizer: adamw\n  momentum: 0.9\n  beta1: 0.9\n  beta2: 0.999\n"
+    (tmp_path / "fake.yaml").write_text(two_stages + extra + "  weight_decay: 0.01\n")
+    run = start(tmp_path, "workers=2")
+    _, err = run.communicate(timeout=240)
+    assert run.returncode == 0, err
+    storage = f"sqlite:///{tmp_path}/tuner.db"
+    pids = {}
+    for stage, budget in (("lr", 12), ("optimizer", 6)):
+        done = [t for t in optuna.load_study(study_name=f"fake/{stage}", storage=storage).trials
+                if t.state in FINISHED]  # fmt: skip
+        assert len(done) == budget  # each stage's budget, exactly
+        pids[stage] = {t.user_attrs["pid"] for t in done}
+    # The helper, warm by then, shares the second stage; it is the same process as in the
+    # first: one helper for the whole run, not one started per stage.
+    assert len(pids["optimizer"]) == 2
+    assert len(pids["lr"] | pids["optimizer"]) == 2

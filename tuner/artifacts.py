@@ -15,7 +15,6 @@ from typing import Any
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
-from optuna.trial import TrialState
 
 from tuner import storage as storages
 from tuner.errors import UserError
@@ -48,15 +47,12 @@ def becomes_best(study: optuna.Study, value: float) -> bool:
     """Whether a trial scoring ``value`` beats every COMPLETE trial of the stage so far."""
     if not math.isfinite(value):
         return False
-    done = [
-        t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.value is not None and math.isfinite(t.value)
-    ]  # fmt: skip
-    if not done:
+    best = storages.best_complete(study)
+    if best is None:
         return True
     if study.direction == optuna.study.StudyDirection.MAXIMIZE:
-        return value > max(done)
-    return value < min(done)
+        return value > best[1]
+    return value < best[1]
 
 
 def save_weights(

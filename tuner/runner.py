@@ -8,13 +8,17 @@ its budget when it is run again.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import multiprocessing
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
 import optuna
@@ -23,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 import search_spaces
 from tuner import __version__, artifacts, checks, diagnostics, notes, signals
 from tuner import storage as storages
-from tuner.config import StudyConfig, merged
+from tuner.config import DEFAULT_STUDY, StudyConfig, merged
 from tuner.errors import StageFailed, StageRefused, UserError
 from tuner.objective import Objective, load_objective, load_validator
 from tuner.plan import (
@@ -35,9 +39,10 @@ from tuner.plan import (
     stale_keys,
 )
 from tuner.progress import StageProgress
-from tuner.results import SURPLUS, best_of, best_trial
+from tuner.results import SURPLUS, best_of
 
 Print = Callable[[str], None]
+COMPLETE = (TrialState.COMPLETE,)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 POLL_SECONDS = 1.0  # how often a worker with nothing to start looks for retried trials
@@ -89,33 +94,130 @@ def make_pruner(plan: StagePlan, max_epochs: int) -> optuna.pruners.BasePruner:
         raise UserError(f"pruner {name}: {exc}") from None
 
 
+class _CachedPercentilePruner(optuna.pruners.BasePruner):
+    """A percentile (median) pruner that reads the stage's COMPLETE trials again only when
+    their number has changed.
+
+    Optuna's pruner reads the study's trials at every epoch, the running ones whole; a
+    COMPLETE trial no longer changes, so one small count query per epoch gives the same
+    decisions at a fraction of the cost.
+    """
+
+    def __init__(self, pruner: optuna.pruners.PercentilePruner) -> None:
+        self.pruner = pruner
+        self._complete: list[FrozenTrial] = []
+        self._count = -1
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        count = storages.count_complete(study)
+        if count != self._count:
+            # The trials the sampler read as this trial started, unless one finished since.
+            complete = study._get_trials(deepcopy=False, states=COMPLETE, use_cache=True)
+            if len(complete) != count:
+                complete = study.get_trials(deepcopy=False, states=COMPLETE)
+            self._complete, self._count = complete, count
+        return self.pruner.prune(_WithComplete(study, self._complete), trial)  # type: ignore[arg-type]
+
+
+class _WithComplete:
+    """A study whose COMPLETE trials are given; everything else is the study's own."""
+
+    def __init__(self, study: optuna.Study, complete: list[FrozenTrial]) -> None:
+        self._study, self._complete = study, complete
+
+    def get_trials(
+        self, deepcopy: bool = True, states: Container[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        if states != COMPLETE:
+            return self._study.get_trials(deepcopy=deepcopy, states=states)
+        return copy.deepcopy(self._complete) if deepcopy else self._complete
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+
+def _read_less(pruner: optuna.pruners.BasePruner) -> optuna.pruners.BasePruner:
+    if isinstance(pruner, optuna.pruners.PercentilePruner):  # the median pruner is one
+        return _CachedPercentilePruner(pruner)
+    return pruner
+
+
 # --- one trial -------------------------------------------------------------------------------
 
 
 class _Report:
     """The objective's ``report(epoch, metrics)``: feeds Optuna's pruner each epoch, and
-    stops a trial still running when its stage's time is up (so a run ends on time)."""
+    stops a trial whose next epoch would end after its stage's time is up (so a run ends on
+    time).
 
-    def __init__(self, trial: optuna.Trial, metric: str, deadline: float | None) -> None:
-        self.trial, self.metric, self.deadline = trial, metric, deadline
+    A trial stopped for time keeps what it measured: it ends COMPLETE with its best epoch
+    so far (as patience would end it), so a short run still hands every stage a result.
+    """
+
+    def __init__(
+        self,
+        trial: optuna.Trial,
+        metric: str,
+        deadline: float | None,
+        maximize: bool = True,
+        pace: Pace | None = None,
+    ) -> None:
+        self.trial, self.metric, self.deadline, self.maximize = trial, metric, deadline, maximize
+        self.pace = pace if pace is not None else Pace()
+        self.best: dict[str, float] = {}  # the best epoch's metrics so far, and its number
+        self.started = self.last = time.time()
 
     def __call__(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        now = time.time()
+        if self.last == self.started:
+            self.pace.first_report(now - self.started)
+        epoch_seconds, self.last = now - self.last, now
         value = metrics.get(self.metric)
         if value is None or not math.isfinite(value):
             return
-        self.trial.report(float(value), epoch)
+        best = self.best.get(self.metric)
+        if best is None or (value > best if self.maximize else value < best):
+            self.best = {**{k: float(v) for k, v in metrics.items()}, "best_epoch": epoch}
+        storages.report(self.trial, float(value), epoch)
         if self.trial.should_prune():
-            self._stop("pruned", epoch)
-        if self.deadline is not None and time.time() > self.deadline:
-            self._stop("out_of_time", epoch)
+            self.trial.set_user_attr("stop_reason", "pruned")
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+        if self.deadline is not None and now + epoch_seconds > self.deadline:
+            raise _OutOfTime(epoch)  # another epoch as long as this one would end too late
 
-    def _stop(self, reason: str, epoch: int) -> None:
-        self.trial.set_user_attr("stop_reason", reason)
-        raise optuna.TrialPruned(f"{reason} at epoch {epoch}")
+    def result(self, epoch: int) -> dict[str, Any]:
+        """The trial's result when time ran out after ``epoch``: its best epoch so far."""
+        return {**self.best, "epochs_run": epoch, "stop_reason": "out_of_time"}
+
+
+@dataclass
+class Pace:
+    """How soon this process's trials of a stage first report: no trial starts that could not
+    report once before the stage's deadline."""
+
+    first: float | None = None  # the shortest time from a trial's start to its first report
+
+    def first_report(self, seconds: float) -> None:
+        self.first = seconds if self.first is None else min(self.first, seconds)
+
+    def too_late(self, deadline: float | None) -> bool:
+        return deadline is not None and time.time() + (self.first or 0.0) >= deadline
+
+
+class _OutOfTime(Exception):
+    """Raised by ``report`` when the stage's time is up; the objective ends the trial."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(f"out of time after epoch {epoch}")
+        self.epoch = epoch
 
 
 def make_objective(
-    plan: StagePlan, fn: Objective, budget: int | None = None, deadline: float | None = None
+    plan: StagePlan,
+    fn: Objective,
+    budget: int | None = None,
+    deadline: float | None = None,
+    pace: Pace | None = None,
 ) -> Callable[[optuna.Trial], float]:
     """The Optuna objective of a stage: draw, train, record, score.
 
@@ -123,6 +225,7 @@ def make_objective(
     the last places) ends at once as a FAILed ``surplus`` trial: the budget is exact.
     """
     metric = plan.study.metric
+    maximize = plan.study.direction == "maximize"
 
     def objective(trial: optuna.Trial) -> float:
         if budget is not None and _claimed_before(trial) >= budget:
@@ -130,10 +233,14 @@ def make_objective(
             raise _Surplus(f"the stage's {budget} trials are taken by other workers")
         drawn = search_spaces.suggest(trial, plan.space, plan.incumbent)
         config = merged(plan.incumbent, drawn)
-        trial.set_user_attr("config", config)
+        storages.set_user_attrs(trial, {"config": config})
         started = time.perf_counter()
+        report = _Report(trial, metric, deadline, maximize, pace)
         try:
-            result = fn(config, _Report(trial, metric, deadline))
+            try:
+                result = fn(config, report)
+            except _OutOfTime as stop:
+                result = report.result(stop.epoch)
             value = _score(trial, result, metric, time.perf_counter() - started)
             model = result.get("model")
             if model is not None and artifacts.becomes_best(trial.study, value):
@@ -144,13 +251,15 @@ def make_objective(
             raise
         except KeyboardInterrupt:
             signals.exit_on_next_interrupt()  # recording may hang; a second Ctrl-C ends it
-            trial.set_user_attr("stop_reason", "interrupted")
-            trial.set_user_attr("error", "interrupted (SIGINT or SIGTERM)")
+            storages.set_user_attrs(
+                trial, {"stop_reason": "interrupted", "error": "interrupted (SIGINT or SIGTERM)"}
+            )
             raise
         except Exception as exc:
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+            failure = {"error": f"{type(exc).__name__}: {exc}"}
             if not isinstance(exc, MissingMetric):  # its traceback is ours: it says nothing
-                trial.set_user_attr("traceback", traceback.format_exc(limit=-8))
+                failure["traceback"] = traceback.format_exc(limit=-8)
+            storages.set_user_attrs(trial, failure)
             raise
 
     return objective
@@ -166,8 +275,8 @@ class _Surplus(Exception):
 
 def _claimed_before(trial: optuna.Trial) -> int:
     """Live trials (finished, running or waiting) numbered before this one."""
-    live = trial.study.get_trials(deepcopy=False, states=LIVE)
-    return sum(1 for t in live if t.number < trial.number)
+    states = storages.trial_states(trial.study)
+    return sum(1 for number, state in states.items() if number < trial.number and state in LIVE)
 
 
 def _score(trial: optuna.Trial, result: Mapping[str, Any], metric: str, seconds: float) -> float:
@@ -178,8 +287,7 @@ def _score(trial: optuna.Trial, result: Mapping[str, Any], metric: str, seconds:
         )
     record = {k: _plain(v) for k, v in result.items() if k not in ("model", "test")}
     record["trial_seconds"] = round(seconds, 3)
-    for key, value in record.items():
-        trial.set_user_attr(key, value)
+    storages.set_user_attrs(trial, record)  # one transaction, not one per key
     if record.get("stop_reason") in PRUNED_REASONS:
         raise optuna.TrialPruned(str(record["stop_reason"]))
     value = result.get(metric)
@@ -232,19 +340,17 @@ class _Progress:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.user_attrs.get("stop_reason") == SURPLUS:
             return
-        done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
+        done = sum(1 for state in storages.trial_states(study).values() if state in FINISHED)
         metric = self.plan.study.metric
         state = trial.state.name
         value = f"{metric}={trial.value:.4f}" if trial.value is not None else ""
-        best = best_trial(study)
-        best_text = (
-            f"best {best.value:.4f} (#{best.number})" if best is not None else "no best yet"
-        )
+        best = storages.best_complete(study, "config")  # as results.best_trial picks it
+        best_text = f"best {best[1]:.4f} (#{best[0]})" if best is not None else "no best yet"
         reason = _why(trial)
         params = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
         seconds = trial.duration.total_seconds() if trial.duration else 0.0
         if self.bar is not None:
-            self.bar.update(done, best.value if best is not None else None)
+            self.bar.update(done, best[1] if best is not None else None)
         self.out(
             f"[{self.plan.stage} {done}/{self.budget.trials}] #{trial.number} {state:<8} "
             f"{value:<16} {best_text:<22} {reason:<22} {seconds:5.1f}s  {params}"
@@ -326,19 +432,20 @@ def work(
         study_name=plan.name,
         storage=storage,
         sampler=make_sampler(plan.study, _seed(plan, n_before, worker)),
-        pruner=make_pruner(plan, int(plan.incumbent.get("epochs", 1) or 1)),
+        pruner=_read_less(make_pruner(plan, int(plan.incumbent.get("epochs", 1) or 1))),
     )
     progress = _Progress(plan, budget, out, bar)
-    objective = make_objective(plan, fn, budget.trials, deadline)
+    pace = Pace()
+    objective = make_objective(plan, fn, budget.trials, deadline, pace)
     while not progress.failing:
-        if deadline is not None and time.time() >= deadline:
+        if pace.too_late(deadline):
             break
-        trials = study.get_trials(deepcopy=False)
-        live = sorted((t for t in trials if t.state in LIVE), key=lambda t: t.number)
-        waiting = any(t.state == TrialState.WAITING for t in live[: budget.trials])
+        states = storages.trial_states(study)  # one small query, not every trial read whole
+        live = sorted(number for number, state in states.items() if state in LIVE)
+        waiting = any(states[number] == TrialState.WAITING for number in live[: budget.trials])
         if len(live) < budget.trials or waiting:
             study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[progress])
-        elif any(t.state == TrialState.RUNNING for t in trials):
+        elif TrialState.RUNNING in states.values():
             if storages.heartbeat_enabled(storage):
                 optuna.storages.fail_stale_trials(study)  # a dead worker's trial is retried
             time.sleep(POLL_SECONDS)
@@ -478,6 +585,25 @@ def run(
     stages = (stage,) if stage else study.stages
     storage = storages.open_existing(study.storage)
     first = plan_stage(study, stages[0], best_of(storage, study))  # may refuse: nothing written
+    with _Workers(workers - 1, heartbeat, study.objective) as helpers:
+        _run(study, stage, first, storage, helpers, trials, timeout, restart, check, out)
+
+
+def _run(
+    study: StudyConfig,
+    stage: str | None,
+    first: StagePlan,
+    storage: optuna.storages.BaseStorage | None,
+    helpers: _Workers,
+    trials: int | None,
+    timeout: float | None,
+    restart: bool,
+    check: bool,
+    out: Print,
+) -> None:
+    """``run`` once its worker processes are started: their imports overlap with this."""
+    stages = (stage,) if stage else study.stages
+    workers, heartbeat = len(helpers.processes) + 1, helpers.heartbeat
     fn = load_objective(study.objective)
     preflight(first, stages)
     if check and checks.due(study, stages[0], storage):
@@ -499,10 +625,35 @@ def run(
         # The bar shares the terminal with worker processes' lines only when there are none.
         bar = StageProgress(plan.stage, budget.trials, budget.timeout, draw=workers == 1)
         bar.update(done, None)
-        with bar, _Workers(plan, budget, deadline, workers - 1, heartbeat) as helpers:
+        with bar:
+            helpers.start(plan, budget, deadline)
             found = work(plan, storage, fn, budget, deadline=deadline, out=bar.wrap(out), bar=bar)
-        helpers.check()
+            helpers.wait()
         notes.write_stage_note(found, diagnostics.record(found, out))
+        if name != stages[-1] and best_of(storage, study)(name) is None:
+            raise StageFailed(_nothing_finished(study, found))
+
+
+def _nothing_finished(study: StudyConfig, found: optuna.Study) -> str:
+    """Why a run stops after a stage without a result: the stages after it need one."""
+    trials = [t for t in found.get_trials(deepcopy=False) if t.state != TrialState.RUNNING]
+    trials = [t for t in trials if t.user_attrs.get("stop_reason") != SURPLUS]
+    counts = ", ".join(
+        f"{n} {state.name.lower()}"
+        for state in (TrialState.PRUNED, TrialState.FAIL)
+        if (n := sum(1 for t in trials if t.state == state))
+    )
+    last = trials[-1] if trials else None
+    why = ""
+    if last is not None:
+        reason = last.user_attrs.get("error") or last.user_attrs.get("stop_reason")
+        why = f"; the last one: {last.state.name} ({reason})" if reason else ""
+    which = "" if study.name == DEFAULT_STUDY else f" study={study.arg}"
+    return (
+        f"Stage {found.user_attrs.get('stage', found.study_name)} ended with no COMPLETE trial"
+        f" ({counts or 'none ran'}){why}, and the stages after it need its best values; see"
+        f" `python -m tuner status{which}`."
+    )
 
 
 def preflight(first: StagePlan, stages: tuple[str, ...]) -> None:
@@ -528,56 +679,92 @@ def preflight(first: StagePlan, stages: tuple[str, ...]) -> None:
 
 
 class _Workers:
-    """Worker processes that run a stage beside this one (``workers=N``)."""
+    """Worker processes beside this one (``workers=N``), each running its share of every stage
+    of a run. They start with the run, so that their imports (torch, the objective: seconds)
+    overlap with its planning and checks, and serve all its stages."""
 
-    def __init__(
-        self, plan: StagePlan, budget: Budget, deadline: float | None, n: int, heartbeat: float
-    ) -> None:
+    def __init__(self, n: int, heartbeat: float, objective: str) -> None:
         context = multiprocessing.get_context("spawn")  # no forked torch or database state
+        self.heartbeat = heartbeat
+        self.pipes = [context.Pipe() for _ in range(n)]
         self.processes = [
             context.Process(
                 target=_worker_main,
-                args=(plan, budget, deadline, index, heartbeat),
+                args=(jobs, index, heartbeat, objective),
                 name=f"tuner-worker-{index}",
             )
-            for index in range(1, n + 1)
+            for index, (_, jobs) in enumerate(self.pipes, start=1)
         ]
+        self.busy = False  # whether they were handed a stage
 
     def __enter__(self) -> _Workers:
-        for process in self.processes:
+        for process, (_, jobs) in zip(self.processes, self.pipes, strict=True):
             process.start()
+            jobs.close()  # the worker's end: a worker that dies is seen as the pipe's end
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        for process in self.processes:
-            process.join()
+    def start(self, plan: StagePlan, budget: Budget, deadline: float | None) -> None:
+        """Hand each worker the stage."""
+        self.busy = True
+        for pipe, _ in self.pipes:
+            pipe.send((plan, budget, deadline))
 
-    def check(self) -> None:
-        """A worker that stopped on a failing stage fails the run the same way."""
-        codes = [p.exitcode for p in self.processes]
+    def wait(self) -> None:
+        """Wait for each worker to be done with the stage; a worker that stopped on a failing
+        stage, or died, fails the run the same way."""
+        codes = []
+        for (pipe, _), process in zip(self.pipes, self.processes, strict=True):
+            try:
+                codes.append(pipe.recv())
+            except EOFError:
+                process.join()
+                codes.append(process.exitcode or 1)
         if any(code == signals.EXIT_STATUS for code in codes):
             raise KeyboardInterrupt
         failed = [code for code in codes if code]
         if failed:
             raise StageFailed(f"a worker process ended with exit status {failed[0]}")
 
+    def __exit__(self, *exc: object) -> None:
+        for (pipe, _), process in zip(self.pipes, self.processes, strict=True):
+            if not self.busy:
+                process.terminate()  # still starting up, no trial of theirs to keep
+            with contextlib.suppress(OSError):
+                pipe.send(None)  # the run is over; a worker in a stage finishes its share first
+            process.join()
 
-def _worker_main(
-    plan: StagePlan, budget: Budget, deadline: float | None, index: int, heartbeat: float
-) -> None:
-    """A worker process: one torch thread, the same stage, its own storage connection."""
+
+def _worker_main(jobs: Connection, index: int, heartbeat: float, objective: str) -> None:
+    """A worker process: one torch thread, the run's stages as they come, its own storage
+    connection."""
     import torch
 
     torch.set_num_threads(1)
     signals.install()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    try:
+        with contextlib.suppress(Exception):  # imported ahead; the run reports what fails
+            load_objective(objective)
+        while (job := jobs.recv()) is not None:
+            plan, budget, deadline = job
+            jobs.send(_work_share(plan, budget, deadline, index, heartbeat))
+    except KeyboardInterrupt:
+        sys.exit(signals.EXIT_STATUS)
+    except EOFError:
+        return  # the run is gone
+
+
+def _work_share(
+    plan: StagePlan, budget: Budget, deadline: float | None, index: int, heartbeat: float
+) -> int:
+    """A worker's share of a stage; its exit status (0: done)."""
     try:
         storage = storages.open_storage(plan.study.storage, heartbeat=heartbeat)
         fn = load_objective(plan.study.objective)
         work(plan, storage, fn, budget, deadline=deadline, worker=index,
              out=lambda line: print(line, flush=True))  # fmt: skip
-    except KeyboardInterrupt:
-        sys.exit(signals.EXIT_STATUS)
     except (StageFailed, UserError) as exc:
         print(f"tuner worker {index}: {storages.mask(str(exc))}", file=sys.stderr, flush=True)
-        sys.exit(exc.exit_code)
+        return exc.exit_code
+    return 0
