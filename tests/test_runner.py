@@ -210,6 +210,21 @@ def test_progress_lines_count_finished_trials_and_name_the_best(study) -> None:
     assert f"best {best.value:.4f} (#{best.number})" in trial_lines[-1]
 
 
+class FakeClock:
+    """The runner's clock, advanced only by the objective's epochs: timing without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def time(self) -> float:
+        return self.now
+
+    perf_counter = monotonic = time
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @pytest.mark.parametrize(
     ("curve", "decisions"),
     [
@@ -219,8 +234,10 @@ def test_progress_lines_count_finished_trials_and_name_the_best(study) -> None:
     ],
 )
 def test_the_cached_median_pruner_decides_as_optunas(
-    tmp_path: Path, curve: list[float], decisions: list[bool]
+    tmp_path: Path, curve: list[float], decisions: list[bool], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(runner, "time", clock)
     study = optuna.create_study(
         storage=storages.open_storage(f"sqlite:///{tmp_path}/t.db"), direction="maximize"
     )
@@ -242,23 +259,66 @@ def test_the_cached_median_pruner_decides_as_optunas(
         # Same trials, same decision: reading COMPLETE trials less often changes nothing.
         assert cached.prune(study, running) == plain.prune(study, running)
         seen.append(cached.prune(study, running))
-        finish(0.8)  # another worker finishes a trial: the next decision counts it
+        finish(0.8)  # another worker finishes a trial: a decision a second later counts it
+        clock.sleep(runner.REFRESH_SECONDS)
     assert seen == decisions
 
 
-class FakeClock:
-    """The runner's clock, advanced only by the objective's epochs: timing without waiting."""
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # Optuna's, on the NaN curve
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"n_warmup_steps": 2}, {"interval_steps": 2}, {"n_min_trials": 5},
+     {"n_startup_trials": 7}],
+)  # fmt: skip
+def test_the_cached_pruner_decides_as_optunas_whatever_its_settings(
+    tmp_path: Path, direction: str, settings: dict[str, int]
+) -> None:
+    study = optuna.create_study(
+        storage=storages.open_storage(f"sqlite:///{tmp_path}/t.db"), direction=direction
+    )
+    for i in range(6):  # six finished curves; the first two skip step 3
+        curve = {step: 0.1 * i + 0.02 * step for step in range(1, 6) if i > 1 or step != 3}
+        study.add_trial(optuna.trial.create_trial(value=0.1 * i, intermediate_values=curve))
+    curves = [[0.35, 0.4, 0.42, 0.5, 0.55], [0.05, 0.1, 0.6, 0.7, 0.9], [math.nan] * 5]
+    plain = optuna.pruners.MedianPruner(**settings)
+    cached = _CachedPercentilePruner(optuna.pruners.MedianPruner(**settings))
+    for curve in curves:
+        for step in range(1, 6):
+            running = optuna.trial.create_trial(
+                state=TrialState.RUNNING, intermediate_values=dict(enumerate(curve[:step], 1))
+            )
+            # Every check of Optuna's pruner, in its order: the same decision at every step.
+            assert cached.prune(study, running) == plain.prune(study, running), (curve, step)
 
-    def __init__(self) -> None:
-        self.now = 1_000.0
 
-    def time(self) -> float:
-        return self.now
-
-    perf_counter = time
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
+def test_the_cached_pruner_counts_other_workers_trials_once_a_second_and_per_trial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(runner, "time", clock)
+    study = optuna.create_study(
+        storage=storages.open_storage(f"sqlite:///{tmp_path}/t.db"), direction="maximize"
+    )
+    for value in (0.3, 0.5, 0.6):
+        study.add_trial(optuna.trial.create_trial(value=value, intermediate_values={1: value}))
+    cached = _CachedPercentilePruner(optuna.pruners.MedianPruner(n_startup_trials=3))
+    running = study.ask()
+    running.report(0.55, 1)  # above the median of 0.3, 0.5, 0.6
+    assert not cached.prune(study, running._get_latest_trial())
+    for _ in range(2):  # two trials of other workers finish well above it
+        study.add_trial(optuna.trial.create_trial(value=0.9, intermediate_values={1: 0.9}))
+    clock.sleep(runner.REFRESH_SECONDS / 2)
+    # Within the second the count is not read again: the decision stands on what it read ...
+    assert not cached.prune(study, running._get_latest_trial())
+    clock.sleep(runner.REFRESH_SECONDS / 2)
+    # ... a second after it was read, it is, and the median (0.6) is now above the trial.
+    assert cached.prune(study, running._get_latest_trial())
+    # A new trial's first decision always reads it.
+    study.add_trial(optuna.trial.create_trial(value=0.95, intermediate_values={1: 0.95}))
+    fresh = study.ask()
+    fresh.report(0.7, 1)  # above the median of five (0.6), below that of the six (0.75)
+    assert cached.prune(study, fresh._get_latest_trial())
 
 
 def test_a_trial_still_running_when_time_is_up_keeps_its_best_epoch(study, monkeypatch) -> None:

@@ -130,11 +130,13 @@ def test_a_trials_attrs_and_reports_are_stored_as_optuna_stores_them(url: str) -
     matrix = [[3, 1], [0, 4]]
     storages.set_user_attrs(trial, {"config": {"lr": 0.01}, "stop_reason": "patience"})
     storages.set_user_attrs(trial, {"stop_reason": "max_epochs", "confusion_matrix": matrix})
+    reports = storages.Reports(trial)
     for epoch, value in [(1, 0.5), (2, 0.75)]:
-        storages.report(trial, value, epoch)
+        reports(value, epoch)
     with pytest.warns(UserWarning, match="already reported"):
-        storages.report(trial, 0.1, 2)  # a step reported twice: the first value stays
+        reports(0.1, 2)  # a step reported twice: the first value stays
     assert trial.user_attrs["stop_reason"] == "max_epochs"  # the trial sees what it wrote
+    reports.flush()
     study.tell(trial, 0.75)
     stored = optuna.load_study(study_name="s/lr", storage=url).trials[0]
     # A later write of a key replaces it; every value reads back as plain Optuna data.
@@ -144,6 +146,48 @@ def test_a_trials_attrs_and_reports_are_stored_as_optuna_stores_them(url: str) -
     assert stored.intermediate_values == {1: 0.5, 2: 0.75}
 
 
+def test_a_studys_attrs_are_stored_as_optuna_stores_them(url: str) -> None:
+    study = optuna.create_study(study_name="s/lr", storage=storages.open_storage(url))
+    study.set_user_attr("stage", "batch_size")
+    storages.set_study_user_attrs(study, {"stage": "lr", "fixed": {"batch_size": 64}})
+    # A key written again is replaced; each value reads back as plain Optuna data.
+    stored = optuna.load_study(study_name="s/lr", storage=url)
+    assert stored.user_attrs == {"stage": "lr", "fixed": {"batch_size": 64}}
+    in_memory = optuna.create_study()
+    storages.set_study_user_attrs(in_memory, {"stage": "lr"})  # Optuna's own call
+    assert in_memory.user_attrs == {"stage": "lr"}
+
+
+def test_reported_values_reach_the_pruner_at_once_and_the_database_behind(url: str) -> None:
+    seen: list[dict[int, float]] = []
+
+    class Watching(optuna.pruners.BasePruner):
+        def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+            seen.append(dict(trial.intermediate_values))
+            return False
+
+    study = optuna.create_study(
+        study_name="s/lr", storage=storages.open_storage(url), pruner=Watching()
+    )
+
+    def stored() -> dict[int, float]:
+        return optuna.load_study(study_name="s/lr", storage=url).trials[0].intermediate_values
+
+    trial = study.ask()
+    reports = storages.Reports(trial, every=3600)  # no write falls due during the test
+    for epoch, value in [(1, 0.5), (2, 0.75)]:
+        reports(value, epoch)
+        trial.should_prune()
+    # The pruner decides on every value as it is reported; the database has none yet ...
+    assert seen == [{1: 0.5}, {1: 0.5, 2: 0.75}]
+    assert stored() == {}
+    reports.flush()  # ... until the flush writes both in one go
+    assert stored() == {1: 0.5, 2: 0.75}
+    due = storages.Reports(trial, every=0.0)  # a write due at every report
+    due(0.8, 3)
+    assert stored() == {1: 0.5, 2: 0.75, 3: 0.8}
+
+
 def test_a_finished_trial_takes_no_more_writes(url: str) -> None:
     study = optuna.create_study(storage=storages.open_storage(url))
     trial = study.ask()
@@ -151,8 +195,10 @@ def test_a_finished_trial_takes_no_more_writes(url: str) -> None:
     # As Optuna's own set_user_attr and report: a late write of a failed trial is refused.
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         storages.set_user_attrs(trial, {"stop_reason": "max_epochs"})
+    reports = storages.Reports(trial)
+    reports(0.5, 1)
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
-        storages.report(trial, 0.5, 1)
+        reports.flush()
 
 
 def test_other_storages_fall_back_on_optunas_calls() -> None:
@@ -161,7 +207,7 @@ def test_other_storages_fall_back_on_optunas_calls() -> None:
         study.add_trial(optuna.trial.create_trial(value=value))
     trial = study.ask()
     storages.set_user_attrs(trial, {"config": {}})
-    storages.report(trial, 0.4, 1)
+    storages.Reports(trial)(0.4, 1)  # written at once: no flush needed
     assert trial.user_attrs == {"config": {}} and study.trials[-1].intermediate_values == {1: 0.4}
     assert storages.trial_states(study) == {0: TrialState.COMPLETE, 1: TrialState.COMPLETE,
                                             2: TrialState.RUNNING}  # fmt: skip

@@ -9,19 +9,19 @@ its budget when it is run again.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import multiprocessing
 import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
 import optuna
+from optuna.pruners import _percentile
 from optuna.trial import FrozenTrial, TrialState
 
 import search_spaces
@@ -47,6 +47,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 POLL_SECONDS = 1.0  # how often a worker with nothing to start looks for retried trials
 FAILURE_STREAK = 5  # this many failed trials in a row stop a stage: the error is not bad luck
+REFRESH_SECONDS = storages.FLUSH_SECONDS  # the pruner counts other workers' trials this often
 # Stop reasons after which a trial is PRUNED rather than COMPLETE: the sampler learns to
 # avoid the region (TPE ignores FAILed trials).
 PRUNED_REASONS = ("diverged", "out_of_memory")
@@ -95,45 +96,66 @@ def make_pruner(plan: StagePlan, max_epochs: int) -> optuna.pruners.BasePruner:
 
 
 class _CachedPercentilePruner(optuna.pruners.BasePruner):
-    """A percentile (median) pruner that reads the stage's COMPLETE trials again only when
-    their number has changed.
+    """Optuna's percentile (median) pruner, deciding as it decides, with what it reads and
+    computes kept between epochs.
 
-    Optuna's pruner reads the study's trials at every epoch, the running ones whole; a
-    COMPLETE trial no longer changes, so one small count query per epoch gives the same
-    decisions at a fraction of the cost.
+    Optuna's pruner reads the study's trials at every epoch, the running ones whole, and
+    computes the percentile of the COMPLETE ones again. A COMPLETE trial no longer changes:
+    this one counts them with a small query once per trial and at most once a second, reads
+    them again only when their number has changed, and keeps the percentile of each step
+    until then. A trial that another worker finishes while this one runs counts from this
+    trial's next decision at least a second on (workers race anyway); in one process, every
+    decision counts every finished trial.
     """
 
     def __init__(self, pruner: optuna.pruners.PercentilePruner) -> None:
         self.pruner = pruner
         self._complete: list[FrozenTrial] = []
-        self._count = -1
+        self._percentiles: dict[int, float] = {}  # by step, over self._complete
+        self._counted: tuple[int, float] = (-1, -math.inf)  # trial id, time of the count
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        # The checks of optuna.pruners.PercentilePruner.prune, in its order.
+        settings = self.pruner
+        complete = self._read(study, trial)
+        if not complete or len(complete) < settings._n_startup_trials:
+            return False
+        step = trial.last_step
+        if step is None or step < settings._n_warmup_steps:
+            return False
+        steps = trial.intermediate_values.keys()
+        if not _percentile._is_first_in_interval_step(
+            step, steps, settings._n_warmup_steps, settings._interval_steps
+        ):
+            return False
+        direction = study.direction
+        best = _percentile._get_best_intermediate_result_over_steps(trial, direction)
+        if math.isnan(best):
+            return True
+        if step not in self._percentiles:
+            self._percentiles[step] = _percentile._get_percentile_intermediate_result_over_trials(
+                complete, direction, step, settings._percentile, settings._n_min_trials
+            )
+        bar = self._percentiles[step]
+        if math.isnan(bar):
+            return False
+        return best < bar if direction == optuna.study.StudyDirection.MAXIMIZE else best > bar
+
+    def _read(self, study: optuna.Study, trial: FrozenTrial) -> list[FrozenTrial]:
+        """The stage's COMPLETE trials: counted once per trial and at most once a second,
+        read again when their number changed."""
+        now = time.monotonic()
+        if self._counted[0] == trial._trial_id and now - self._counted[1] < REFRESH_SECONDS:
+            return self._complete
+        self._counted = (trial._trial_id, now)
         count = storages.count_complete(study)
-        if count != self._count:
+        if count != len(self._complete):
             # The trials the sampler read as this trial started, unless one finished since.
             complete = study._get_trials(deepcopy=False, states=COMPLETE, use_cache=True)
             if len(complete) != count:
                 complete = study.get_trials(deepcopy=False, states=COMPLETE)
-            self._complete, self._count = complete, count
-        return self.pruner.prune(_WithComplete(study, self._complete), trial)  # type: ignore[arg-type]
-
-
-class _WithComplete:
-    """A study whose COMPLETE trials are given; everything else is the study's own."""
-
-    def __init__(self, study: optuna.Study, complete: list[FrozenTrial]) -> None:
-        self._study, self._complete = study, complete
-
-    def get_trials(
-        self, deepcopy: bool = True, states: Container[TrialState] | None = None
-    ) -> list[FrozenTrial]:
-        if states != COMPLETE:
-            return self._study.get_trials(deepcopy=deepcopy, states=states)
-        return copy.deepcopy(self._complete) if deepcopy else self._complete
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
+            self._complete, self._percentiles = complete, {}
+        return self._complete
 
 
 def _read_less(pruner: optuna.pruners.BasePruner) -> optuna.pruners.BasePruner:
@@ -164,6 +186,7 @@ class _Report:
     ) -> None:
         self.trial, self.metric, self.deadline, self.maximize = trial, metric, deadline, maximize
         self.pace = pace if pace is not None else Pace()
+        self.reports = storages.Reports(trial)  # written about once a second, and at the end
         self.best: dict[str, float] = {}  # the best epoch's metrics so far, and its number
         self.started = self.last = time.time()
 
@@ -178,12 +201,17 @@ class _Report:
         best = self.best.get(self.metric)
         if best is None or (value > best if self.maximize else value < best):
             self.best = {**{k: float(v) for k, v in metrics.items()}, "best_epoch": epoch}
-        storages.report(self.trial, float(value), epoch)
+        self.reports(float(value), epoch)
         if self.trial.should_prune():
+            self.reports.flush()
             self.trial.set_user_attr("stop_reason", "pruned")
             raise optuna.TrialPruned(f"pruned at epoch {epoch}")
         if self.deadline is not None and now + epoch_seconds > self.deadline:
             raise _OutOfTime(epoch)  # another epoch as long as this one would end too late
+
+    def flush(self) -> None:
+        """Write the reported values not written yet."""
+        self.reports.flush()
 
     def result(self, epoch: int) -> dict[str, Any]:
         """The trial's result when time ran out after ``epoch``: its best epoch so far."""
@@ -241,6 +269,7 @@ def make_objective(
                 result = fn(config, report)
             except _OutOfTime as stop:
                 result = report.result(stop.epoch)
+            report.flush()  # the trial's whole curve, before its result
             value = _score(trial, result, metric, time.perf_counter() - started)
             model = result.get("model")
             if model is not None and artifacts.becomes_best(trial.study, value):
@@ -248,14 +277,19 @@ def make_objective(
                 artifacts.save_weights(trial.study, trial, model, plan.study.storage)
             return value
         except optuna.TrialPruned:
+            report.flush()  # pruned by the objective itself: its curve so far
             raise
         except KeyboardInterrupt:
             signals.exit_on_next_interrupt()  # recording may hang; a second Ctrl-C ends it
+            with contextlib.suppress(Exception):
+                report.flush()
             storages.set_user_attrs(
                 trial, {"stop_reason": "interrupted", "error": "interrupted (SIGINT or SIGTERM)"}
             )
             raise
         except Exception as exc:
+            with contextlib.suppress(Exception):  # the curve up to the error, where it can be
+                report.flush()
             failure = {"error": f"{type(exc).__name__}: {exc}"}
             if not isinstance(exc, MissingMetric):  # its traceback is ours: it says nothing
                 failure["traceback"] = traceback.format_exc(limit=-8)
@@ -491,8 +525,7 @@ def _start(plan: StagePlan, study: optuna.Study) -> None:
         "study_config": plan.study.as_dict(),
         "tuner_version": __version__,
     }
-    for key, value in attrs.items():
-        study.set_user_attr(key, _plain(value))
+    storages.set_study_user_attrs(study, {key: _plain(value) for key, value in attrs.items()})
     if plan.space.grid:
         for point in search_spaces.grid_points(plan.space, plan.incumbent):
             study.enqueue_trial(point, skip_if_exists=True)
@@ -583,7 +616,7 @@ def run(
     the same storage, sharing the stage's budget; the next stage is planned when all are done.
     """
     stages = (stage,) if stage else study.stages
-    storage = storages.open_existing(study.storage)
+    storage = storages.open_existing(study.storage, heartbeat=heartbeat)
     first = plan_stage(study, stages[0], best_of(storage, study))  # may refuse: nothing written
     with _Workers(workers - 1, heartbeat, study.objective) as helpers:
         _run(study, stage, first, storage, helpers, trials, timeout, restart, check, out)
@@ -608,7 +641,8 @@ def _run(
     preflight(first, stages)
     if check and checks.due(study, stages[0], storage):
         checks.preflight(first.incumbent, study.objective, out)
-    storage = storages.open_storage(study.storage, heartbeat=heartbeat)
+    if storage is None:  # a new SQLite file: made now that the plan and checks hold
+        storage = storages.open_storage(study.storage, heartbeat=heartbeat)
     budgets = stage_budgets(study, stages, trials)
     if timeout is None and study.timeout is not None:
         share = 1.0 if not stage else study.share[stage] / sum(study.share.values())

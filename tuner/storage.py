@@ -65,7 +65,7 @@ def open_storage(url: str, heartbeat: float | None = None) -> optuna.storages.Ba
     parameters, up to MAX_RETRY times.
     """
     parsed = _parse(url)
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    kwargs: dict[str, Any] = {}
     path = sqlite_path(url)
     if path is not None:
         if not path.parent.is_dir():
@@ -74,6 +74,10 @@ def open_storage(url: str, heartbeat: float | None = None) -> optuna.storages.Ba
         kwargs["connect_args"] = {"timeout": 60}
     elif parsed.drivername.startswith("postgresql"):
         kwargs["connect_args"] = {"connect_timeout": 10}
+    if not parsed.drivername.startswith("sqlite"):
+        # A server may drop an idle connection: each is tested before use. A file needs no
+        # test, and on SQLite it would double the queries.
+        kwargs["pool_pre_ping"] = True
     try:
         beats: dict[str, Any] = {}
         if heartbeat is not None:
@@ -147,14 +151,16 @@ def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
 # --- what the runner reads and writes after every trial, in one query each -----------------
 # Optuna reads a study's trials whole (six queries, and a FrozenTrial each) and commits every
 # user attr on its own. Where the runner needs only states or the best value, one small query
-# does; a trial's results, and each epoch's value, go in with one statement. The rows are
-# Optuna's own, as Optuna writes them. Storages that are not a database fall back on Optuna's
-# calls, and so do the writes on databases other than SQLite and PostgreSQL.
+# does; a trial's results go in with one statement, and its reported values with one about
+# once a second (``Reports``). The rows are Optuna's own, as Optuna writes them. Storages that
+# are not a database fall back on Optuna's calls, and so do the writes on databases other
+# than SQLite and PostgreSQL.
 
 _UPSERT: dict[str, Any] = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}
 _TRIALS = models.TrialModel.__table__
 _VALUES = models.TrialValueModel.__table__
 _USER_ATTRS = models.TrialUserAttributeModel.__table__
+_STUDY_USER_ATTRS = models.StudyUserAttributeModel.__table__
 _INTERMEDIATE = models.TrialIntermediateValueModel.__table__
 # The statements are built once, so that SQLAlchemy compiles each once.
 _STUDY = _TRIALS.c.study_id == sqlalchemy.bindparam("study_id")
@@ -220,22 +226,79 @@ def set_user_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
     trial._cached_frozen_trial.user_attrs.update(attrs)  # what trial.user_attrs shows
 
 
-def report(trial: optuna.Trial, value: float, step: int) -> None:
-    """``trial.report(value, step)`` in one statement (Optuna's takes three, and an ORM
-    session); the pruner sees the value as it would."""
-    rdb = _rdb(getattr(trial, "storage", None))
-    value, step = float(value), int(step)
-    if rdb is None or rdb.engine.name not in _UPSERT or step < 0:
-        trial.report(value, step)  # with Optuna's checks
+def set_study_user_attrs(study: optuna.Study, attrs: Mapping[str, Any]) -> None:
+    """Set user attrs of a study in one statement, as ``study.set_user_attr`` would set each
+    (a stage records its plan with a handful of them)."""
+    rdb = _rdb(study._storage)
+    if rdb is None or rdb.engine.name not in _UPSERT or not attrs:
+        for key, value in attrs.items():
+            study.set_user_attr(key, value)
         return
-    reported = trial._cached_frozen_trial.intermediate_values
-    if step in reported:
-        trial.report(value, step)  # Optuna warns, and keeps the first value
-        return
-    stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
-    row = {"step": step, "intermediate_value": stored, "intermediate_value_type": kind}
-    _upsert(rdb, trial, _INTERMEDIATE, [row])
-    reported[step] = value  # what the pruner reads
+    rows = [
+        {"study_id": study._study_id, "key": key, "value_json": json.dumps(value)}
+        for key, value in attrs.items()
+    ]
+    with rdb.engine.begin() as connection:
+        connection.execute(_upsert_statement(rdb.engine.name, _STUDY_USER_ATTRS), rows)
+
+
+FLUSH_SECONDS = 1.0  # a running trial writes its reported values at most this often
+
+
+class Reports:
+    """``trial.report(value, step)`` for one running trial, written behind.
+
+    A value is in the trial's own view at once, where Optuna's pruners read it; it goes to
+    the database, with the values reported before it, in one statement once ``every`` seconds
+    have passed since the last write, and at ``flush()``, which the runner calls before a
+    trial is pruned or told. So a trial of short epochs writes about once a second instead
+    of twice an epoch; the dashboard and other workers see a running trial's curve at most
+    that much late, and a finished trial's curve whole. A finished trial (failed by a
+    heartbeat check, say) refuses the write as Optuna's ``report`` does, at the flush.
+
+    Example:
+        >>> reports = Reports(trial)
+        >>> for epoch in range(1, 13):
+        ...     reports(0.9, epoch)
+        ...     if trial.should_prune():
+        ...         break
+        >>> reports.flush()
+    """
+
+    def __init__(self, trial: optuna.Trial, every: float = FLUSH_SECONDS) -> None:
+        self.trial, self.every = trial, every
+        rdb = _rdb(getattr(trial, "storage", None))
+        self._rdb = rdb if rdb is not None and rdb.engine.name in _UPSERT else None
+        self._pending: dict[int, float] = {}
+        self._written = time.monotonic()
+
+    def __call__(self, value: float, step: int) -> None:
+        value, step = float(value), int(step)
+        reported = self.trial._cached_frozen_trial.intermediate_values
+        if self._rdb is None or step < 0 or step in reported:
+            # Optuna's own call: its checks, its warning for a step reported twice (the
+            # first value stays), or a storage that is not a database.
+            self.trial.report(value, step)
+            return
+        reported[step] = value  # what the pruner reads
+        self._pending[step] = value
+        if time.monotonic() - self._written >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the values not written yet, in one statement."""
+        if self._rdb is None or not self._pending:
+            return
+        rows = []
+        for step, value in self._pending.items():
+            stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(
+                value
+            )
+            rows.append({"step": step, "intermediate_value": stored,
+                         "intermediate_value_type": kind})  # fmt: skip
+        _upsert(self._rdb, self.trial, _INTERMEDIATE, rows)
+        self._pending.clear()
+        self._written = time.monotonic()
 
 
 def _upsert(
@@ -304,9 +367,9 @@ def _rdb(storage: optuna.storages.BaseStorage | None) -> optuna.storages.RDBStor
     return backend if isinstance(backend, optuna.storages.RDBStorage) else None
 
 
-def open_existing(url: str) -> optuna.storages.BaseStorage | None:
+def open_existing(url: str, heartbeat: float | None = None) -> optuna.storages.BaseStorage | None:
     """The storage if it may hold studies; None (and nothing created) for a missing file."""
-    return open_storage(url) if exists(url) else None
+    return open_storage(url, heartbeat) if exists(url) else None
 
 
 def load(storage: optuna.storages.BaseStorage | None, name: str) -> optuna.Study | None:
