@@ -264,6 +264,41 @@ def test_the_cached_median_pruner_decides_as_optunas(
     assert seen == decisions
 
 
+def test_each_progress_line_says_what_optuna_stored_of_its_trial(study) -> None:
+    def fn(config, report):
+        if config["lr"] > 0.01:  # diverges: PRUNED, its value Optuna's (the last report)
+            report(1, {"accuracy": 0.3})
+            report(2, {"accuracy": 0.2})
+            return {"stop_reason": "diverged", "best_epoch": 1}
+        if config["warmup"] > 0.35:  # one trial in eight: five in a row (a stop) are unlikely
+            raise RuntimeError("no such layer")
+        report(1, {"accuracy": 0.8})
+        return {"accuracy": 0.8, "stop_reason": "patience", "best_epoch": 1}
+
+    lines: list[str] = []
+    storage = storages.open_storage(study.storage)
+    fixed = with_batch(study)
+    s = run_stage(
+        plan_stage(fixed, "lr", best_of(storage, fixed)), storage, fn, Budget(12, None),
+        out=lines.append,
+    )  # fmt: skip
+    trial_lines = [line for line in lines if line.startswith("[lr ")]
+    assert len(trial_lines) == len(s.trials)
+    for line, t in zip(trial_lines, s.trials, strict=True):
+        # The line is built from what this process holds, not read back: it must agree.
+        assert f"#{t.number} {t.state.name}" in line
+        if t.value is not None:
+            assert f"accuracy={t.value:.4f}" in line
+        else:
+            assert "accuracy=" not in line.split("best")[0]
+        if t.state == TrialState.PRUNED:
+            assert t.value == 0.2 and "diverged" in line
+        if t.state == TrialState.FAIL:
+            assert "RuntimeError: no such layer" in line
+    # The seeded sampler draws all three endings here.
+    assert {t.state for t in s.trials} == {TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL}
+
+
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # Optuna's, on the NaN curve
 @pytest.mark.parametrize("direction", ["maximize", "minimize"])
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ its budget when it is run again.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import multiprocessing
 import sys
@@ -246,16 +247,44 @@ def make_objective(
     budget: int | None = None,
     deadline: float | None = None,
     pace: Pace | None = None,
-) -> Callable[[optuna.Trial], float]:
+) -> StageObjective:
     """The Optuna objective of a stage: draw, train, record, score.
 
     With a budget, a trial that finds ``budget`` live trials before it (workers racing for
     the last places) ends at once as a FAILed ``surplus`` trial: the budget is exact.
     """
-    metric = plan.study.metric
-    maximize = plan.study.direction == "maximize"
+    return StageObjective(plan, fn, budget, deadline, pace)
 
-    def objective(trial: optuna.Trial) -> float:
+
+class StageObjective:
+    """A stage's Optuna objective (``make_objective``); it keeps the last trial it ran, and
+    that trial's value, for the progress line."""
+
+    def __init__(
+        self,
+        plan: StagePlan,
+        fn: Objective,
+        budget: int | None,
+        deadline: float | None,
+        pace: Pace | None,
+    ) -> None:
+        self.plan, self.fn, self.budget, self.deadline, self.pace = (
+            plan,
+            fn,
+            budget,
+            deadline,
+            pace,
+        )
+        self.last: tuple[optuna.Trial, float | None] | None = None
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.last = (trial, None)
+        value = self._run(trial)
+        self.last = (trial, value)
+        return value
+
+    def _run(self, trial: optuna.Trial) -> float:
+        plan, budget = self.plan, self.budget
         if budget is not None and _claimed_before(trial) >= budget:
             trial.set_user_attr("stop_reason", SURPLUS)
             raise _Surplus(f"the stage's {budget} trials are taken by other workers")
@@ -263,10 +292,11 @@ def make_objective(
         config = merged(plan.incumbent, drawn)
         storages.set_user_attrs(trial, {"config": config})
         started = time.perf_counter()
-        report = _Report(trial, metric, deadline, maximize, pace)
+        metric, maximize = plan.study.metric, plan.study.direction == "maximize"
+        report = _Report(trial, metric, self.deadline, maximize, self.pace)
         try:
             try:
-                result = fn(config, report)
+                result = self.fn(config, report)
             except _OutOfTime as stop:
                 result = report.result(stop.epoch)
             report.flush()  # the trial's whole curve, before its result
@@ -295,8 +325,6 @@ def make_objective(
                 failure["traceback"] = traceback.format_exc(limit=-8)
             storages.set_user_attrs(trial, failure)
             raise
-
-    return objective
 
 
 class MissingMetric(ValueError):
@@ -371,28 +399,57 @@ class _Progress:
         recent = self.failures[-FAILURE_STREAK:]
         return len(recent) == FAILURE_STREAK and len(set(recent)) == 1
 
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.user_attrs.get("stop_reason") == SURPLUS:
-            return
-        done = sum(1 for state in storages.trial_states(study).values() if state in FINISHED)
+    def __call__(
+        self, study: optuna.Study, trial: optuna.Trial, value: float | None
+    ) -> dict[int, TrialState]:
+        """Print the line of a trial that has just ended (``value``: what its objective
+        returned); return every trial's state, read for it."""
+        states = storages.trial_states(study)  # one small query: this trial's state, and n
+        ended = _ended(trial, states[trial.number], value)
+        if ended.user_attrs.get("stop_reason") == SURPLUS:
+            return states
+        done = sum(1 for state in states.values() if state in FINISHED)
         metric = self.plan.study.metric
-        state = trial.state.name
-        value = f"{metric}={trial.value:.4f}" if trial.value is not None else ""
+        state = ended.state.name
+        shown = f"{metric}={ended.value:.4f}" if ended.value is not None else ""
         best = storages.best_complete(study, "config")  # as results.best_trial picks it
         best_text = f"best {best[1]:.4f} (#{best[0]})" if best is not None else "no best yet"
-        reason = _why(trial)
-        params = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
-        seconds = trial.duration.total_seconds() if trial.duration else 0.0
+        reason = _why(ended)
+        params = " ".join(f"{k}={_short(v)}" for k, v in ended.params.items())
+        seconds = ended.duration.total_seconds() if ended.duration else 0.0
         if self.bar is not None:
             self.bar.update(done, best[1] if best is not None else None)
         self.out(
-            f"[{self.plan.stage} {done}/{self.budget.trials}] #{trial.number} {state:<8} "
-            f"{value:<16} {best_text:<22} {reason:<22} {seconds:5.1f}s  {params}"
+            f"[{self.plan.stage} {done}/{self.budget.trials}] #{ended.number} {state:<8} "
+            f"{shown:<16} {best_text:<22} {reason:<22} {seconds:5.1f}s  {params}"
         )
-        if trial.state == TrialState.FAIL:
-            self.failures.append(str(trial.user_attrs.get("error", "unknown error")))
+        if ended.state == TrialState.FAIL:
+            self.failures.append(str(ended.user_attrs.get("error", "unknown error")))
         else:
             self.failures.clear()
+        return states
+
+
+def _ended(trial: optuna.Trial, state: TrialState, value: float | None) -> FrozenTrial:
+    """A trial that has just ended, as this process holds it: what Optuna stored of it (but
+    its system attrs), without reading it back from the storage."""
+    held = trial._cached_frozen_trial
+    if state == TrialState.PRUNED:  # Optuna's value of a pruned trial: its last report
+        last = held.last_step
+        value = None if last is None else held.intermediate_values[last]
+    return FrozenTrial(
+        number=held.number,
+        state=state,
+        value=value if state in FINISHED else None,
+        datetime_start=held.datetime_start,
+        datetime_complete=datetime.datetime.now(),
+        params=held.params,
+        distributions=held.distributions,
+        user_attrs=held.user_attrs,
+        system_attrs={},
+        intermediate_values=held.intermediate_values,
+        trial_id=held._trial_id,
+    )
 
 
 def _why(trial: FrozenTrial) -> str:
@@ -471,20 +528,27 @@ def work(
     progress = _Progress(plan, budget, out, bar)
     pace = Pace()
     objective = make_objective(plan, fn, budget.trials, deadline, pace)
+    states = storages.trial_states(study)  # one small query, not every trial read whole
     while not progress.failing:
         if pace.too_late(deadline):
             break
-        states = storages.trial_states(study)  # one small query, not every trial read whole
         live = sorted(number for number, state in states.items() if state in LIVE)
         waiting = any(states[number] == TrialState.WAITING for number in live[: budget.trials])
         if len(live) < budget.trials or waiting:
-            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[progress])
+            # No callback: Optuna would read the trial back whole for it, and the line needs
+            # only what this process holds of it.
+            objective.last = None
+            study.optimize(objective, n_trials=1, catch=(Exception,))
+            if objective.last is not None:
+                states = progress(study, *objective.last)  # the states, read for its line
+                continue
         elif TrialState.RUNNING in states.values():
             if storages.heartbeat_enabled(storage):
                 optuna.storages.fail_stale_trials(study)  # a dead worker's trial is retried
             time.sleep(POLL_SECONDS)
         else:
             break
+        states = storages.trial_states(study)
     if progress.failing:
         last = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL][-1]
         if last.user_attrs.get("traceback"):
