@@ -7,7 +7,9 @@ Three loops train whole epochs on the CPU, one torch thread:
   augmentation where the study asks for it, the schedule step, the divergence watch, the
   loss summed on the device), counted as ``train()`` counts its ``samples_per_s``;
 - raw: the minimal loop a user writes: ``x[idx]`` of a ``randperm``, forward, loss,
-  ``zero_grad``, backward, ``step`` (no schedule, no augmentation);
+  ``zero_grad``, backward, ``step`` (no schedule, no augmentation), with the optimizer as a
+  user writes it: the same class and values, torch's default update (on the CPU one
+  parameter at a time; ours takes the fused one, ``objectives.optim._fast``);
 - DataLoader: that loop fed by ``DataLoader(TensorDataset(x, y), batch_size, shuffle=True,
   drop_last=True)``, ``num_workers=0``, default collate: one ``__getitem__`` per sample.
 
@@ -17,8 +19,10 @@ torchvision's pickled format, written to a temporary folder) with ``studies/cifa
 ResNet-18, crops and flips, at a reduced width (8) and size (640 images) for a CPU. After a
 warm-up epoch the loops take turns epoch by epoch, each round starting with the next one, so
 that load on this shared machine (and the garbage one leaves) hits all of them alike; each
-figure is the loop's median round. The two "data" columns time the batches alone, without
-the model: the split's own ``batches`` (augmented where asked) against the DataLoader's. Run:
+speed is the loop's median round, each ratio the median of the rounds' ratios (a round's
+loops ran side by side, under the same load). The two "data" columns time the batches
+alone, without the model: the split's own ``batches`` (augmented where asked) against the
+DataLoader's. Run:
 
     python tests/benchmarks/bench_loop.py                  # about 2 min on one core
     python tests/benchmarks/bench_loop.py --rounds 9 --sets mnist1d,digits
@@ -38,13 +42,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 from objectives import data as datasets
-from objectives import loop
+from objectives import loop, optim
 from objectives.losses import build_loss
 from objectives.models import build_model
 from objectives.optim import build_optimizer
@@ -89,13 +94,15 @@ def ours(config: dict[str, Any]) -> Epoch:
 
 
 def parts(config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Any, Any, Any]:
-    """The training tensors (not augmented), a fresh model, its optimizer and the loss."""
+    """The training tensors (not augmented), a fresh model, its optimizer as a user writes it
+    (torch's default update) and the loss."""
     seed = int(config["seed"])
     torch.manual_seed(seed)
     d = datasets.load({**config["data"], "crop": 0, "flip": False}, seed, CPU)
     assert isinstance(d.train, datasets.Split)
     model = build_model(config["model"], d.input_shape, d.num_classes)
-    optimizer = build_optimizer(model.parameters(), config)
+    with mock.patch.object(optim, "_fast", lambda params, fused=True: {}):
+        optimizer = build_optimizer(model.parameters(), config)
     return d.train.x, d.train.y, model, optimizer, build_loss(config)
 
 
@@ -156,7 +163,8 @@ def our_batches(config: dict[str, Any]) -> Epoch:
 
 
 def measure(config: dict[str, Any], rounds: int) -> dict[str, float]:
-    """Median samples/s of each loop over ``rounds`` interleaved rounds, after a warm-up."""
+    """Median samples/s of each loop over ``rounds`` interleaved rounds, after a warm-up, and
+    the median over the rounds of each ratio (``ours/raw``, ``ours/DataLoader``, ``data``)."""
     loops = {
         "ours": ours(config),
         "raw": raw(config),
@@ -176,7 +184,19 @@ def measure(config: dict[str, Any], rounds: int) -> dict[str, float]:
                 done[name].append(loops[name]())
         for name, epochs in done.items():
             speeds[name].append(sum(n for n, _ in epochs) / sum(s for _, s in epochs))
-    return {name: statistics.median(v) for name, v in speeds.items()}
+    result = {name: statistics.median(v) for name, v in speeds.items()}
+    for ratio, (top, bottom) in RATIOS.items():
+        result[ratio] = statistics.median(
+            a / b for a, b in zip(speeds[top], speeds[bottom], strict=True)
+        )
+    return result
+
+
+RATIOS = {  # name: (numerator, denominator), each a loop of measure()
+    "ours/raw": ("ours", "raw"),
+    "ours/DL": ("ours", "DataLoader"),
+    "data ours/DL": ("data ours", "data DataLoader"),
+}
 
 
 def main() -> None:
@@ -199,9 +219,9 @@ def main() -> None:
             s = measure(config, args.rounds)
             print(
                 f"{name:<15}{config['batch_size']:>6}{s['ours']:>8.0f}{s['raw']:>8.0f}"
-                f"{s['DataLoader']:>11.0f}{s['ours'] / s['raw']:>9.3f}"
-                f"{s['ours'] / s['DataLoader']:>8.2f} |{s['data ours']:>10.0f}"
-                f"{s['data DataLoader']:>9.0f}{s['data ours'] / s['data DataLoader']:>8.1f}",
+                f"{s['DataLoader']:>11.0f}{s['ours/raw']:>9.3f}"
+                f"{s['ours/DL']:>8.2f} |{s['data ours']:>10.0f}"
+                f"{s['data DataLoader']:>9.0f}{s['data ours/DL']:>8.1f}",
                 flush=True,
             )
 
