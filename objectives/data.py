@@ -10,6 +10,7 @@ image files from a ``DataLoader`` (``data.workers`` processes).
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import random
 import tempfile
@@ -311,23 +312,28 @@ class Source:
     load: Callable[[Mapping[str, Any], int, torch.device, str], Data]
 
 
-def _sources() -> dict[str, Source]:
-    from objectives import _images, _tables  # they build on this module's Split and Data
+def _later(module: str, function: str) -> Callable[..., Any]:
+    """``module.function``, imported at its first call: the on-disk sets' modules import
+    torchvision (1.7 s here) and pandas, which MNIST-1D and digits never need."""
 
-    return {
-        **dict.fromkeys(_images.TORCHVISION, Source(_images.check, _images.load_torchvision)),
-        "image_folder": Source(_images.check, _images.load_folder),
-        "csv": Source(_tables.check, _tables.load_table),
-    }
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), function)(*args, **kwargs)
+
+    return call
 
 
-SOURCES: dict[str, Source] = {}  # filled below, once the types above exist
+TORCHVISION_SETS = ("mnist", "fashion_mnist", "cifar10")  # read by objectives._images
+_IMAGES, _TABLES = "objectives._images", "objectives._tables"
+SOURCES: dict[str, Source] = {
+    **dict.fromkeys(
+        TORCHVISION_SETS, Source(_later(_IMAGES, "check"), _later(_IMAGES, "load_torchvision"))
+    ),
+    "image_folder": Source(_later(_IMAGES, "check"), _later(_IMAGES, "load_folder")),
+    "csv": Source(_later(_TABLES, "check"), _later(_TABLES, "load_table")),
+}
 
 
 def random_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, held out) of ``n`` rows, at random: for regression targets."""
     train_idx, held_idx = train_test_split(np.arange(n), test_size=fraction, random_state=seed)
     return np.sort(train_idx), np.sort(held_idx)
-
-
-SOURCES.update(_sources())

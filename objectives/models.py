@@ -8,7 +8,6 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 from objectives._choice import choose
 
@@ -120,6 +119,8 @@ class ResNet18(Classifier):
     """
 
     def __init__(self, model: Mapping[str, Any], shape: tuple[int, ...], num_classes: int) -> None:
+        from torchvision.models.resnet import BasicBlock  # torchvision: 1.7 s, for this model only
+
         super().__init__()
         width, kind = int(model["width"]), str(model["norm"])
 

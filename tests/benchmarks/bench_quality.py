@@ -89,7 +89,7 @@ def joint_objective(trial: Any, base: Mapping[str, Any]) -> float:
     import optuna
 
     config = copy.deepcopy(dict(base))
-    config["batch_size"] = trial.suggest_categorical("batch_size", [16, 32, 64, 128, 256])
+    config["batch_size"] = trial.suggest_categorical("batch_size", [32, 64, 128, 256])  # staged's
     config["lr"] = trial.suggest_float("lr", 3e-4, 3e-1, log=True)  # Adam's to SGD's
     config["schedule"] = trial.suggest_categorical("schedule", ["constant", "cosine", "onecycle"])
     config["warmup"] = trial.suggest_float("warmup", 0.0, 0.4)

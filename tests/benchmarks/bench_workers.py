@@ -12,16 +12,19 @@ stored trials: the helper process's start-up counts (it starts with the first tr
 command's own start-up (Python, imports: the same for any N) does not; the command's wall
 time is printed too. Needs both cores free: run it on an otherwise idle machine. Run:
 
-    python tests/benchmarks/bench_workers.py               # 40 trials, ~2 min
-    python tests/benchmarks/bench_workers.py --trials 20   # ~1 min
+    python tests/benchmarks/bench_workers.py               # 3 rounds of 40 trials, ~4 min
+    python tests/benchmarks/bench_workers.py --trials 20 --rounds 1   # ~1 min
 
-Prints trials per minute for each, and the ratio 2 workers / 1 worker (target: at least 1.8x).
+Prints trials per minute for each, round by round (1 and 2 workers take turns, so that load
+on this shared machine hits both alike), and the medians, with the median of the rounds'
+ratios 2 workers / 1 worker (target: at least 1.8x).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,15 +73,23 @@ def run(workers: int, trials: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3, help="each with 1 and 2 workers")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     print(f"load before: {os.getloadavg()[0]:.2f} (1-minute average, 2 cores)")
-    rate = {}
-    for workers in (1, 2):
-        rate[workers], wall = run(workers, args.trials)
-        print(f"workers={workers}: {rate[workers]:6.1f} trials/min   "
-              f"({args.trials} trials, command {wall:.1f} s)")  # fmt: skip
-    print(f"ratio 2 workers / 1 worker: {rate[2] / rate[1]:.2f}x (target >= 1.8x)")
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    for r in range(args.rounds):  # 1 and 2 workers take turns, each going first in turn
+        for workers in (1, 2) if r % 2 == 0 else (2, 1):
+            rate, wall = run(workers, args.trials)
+            rates[workers].append(rate)
+            print(f"round {r + 1}: workers={workers}: {rate:6.1f} trials/min   "
+                  f"({args.trials} trials, command {wall:.1f} s)", flush=True)  # fmt: skip
+    ratios = [two / one for one, two in zip(rates[1], rates[2], strict=True)]
+    print(
+        f"median of {args.rounds} rounds: workers=1 {statistics.median(rates[1]):.1f},"
+        f" workers=2 {statistics.median(rates[2]):.1f} trials/min; ratio 2 workers / 1 worker"
+        f" {statistics.median(ratios):.2f}x (target >= 1.8x)"
+    )
 
 
 if __name__ == "__main__":
