@@ -7,13 +7,16 @@ from pathlib import Path
 OBJECTIVE = '''
 import math, os, time
 
+import torch
+
 def train(config, report, test=False):
     """Peaks at lr = 1e-2; sleeps per epoch so that trials overlap across workers."""
     value = 1.0 - (math.log10(config["lr"]) + 2.0) ** 2 / 10
     for epoch in range(1, config["epochs"] + 1):
         time.sleep(config["sleep"])
         report(epoch, {"accuracy": value})
-    result = {"accuracy": value, "stop_reason": "max_epochs", "pid": os.getpid()}
+    result = {"accuracy": value, "stop_reason": "max_epochs", "pid": os.getpid(),
+              "threads": torch.get_num_threads()}
     if test:
         result["test"] = {"accuracy": value}
     return result

@@ -200,7 +200,7 @@ def test_worker_processes_start_once_and_serve_every_stage_of_a_run(tmp_path: Pa
     )
     extra = "  optimizer: adamw\n  momentum: 0.9\n  beta1: 0.9\n  beta2: 0.999\n"
     (tmp_path / "fake.yaml").write_text(two_stages + extra + "  weight_decay: 0.01\n")
-    run = start(tmp_path, "workers=2")
+    run = start(tmp_path, "workers=2", "threads=2")
     _, err = run.communicate(timeout=240)
     assert run.returncode == 0, err
     storage = f"sqlite:///{tmp_path}/tuner.db"
@@ -210,6 +210,7 @@ def test_worker_processes_start_once_and_serve_every_stage_of_a_run(tmp_path: Pa
                 if t.state in FINISHED]  # fmt: skip
         assert len(done) == budget  # each stage's budget, exactly
         pids[stage] = {t.user_attrs["pid"] for t in done}
+        assert {t.user_attrs["threads"] for t in done} == {2}  # threads= holds in every worker
     # The helper, warm by then, shares the second stage; it is the same process as in the
     # first: one helper for the whole run, not one started per stage.
     assert len(pids["optimizer"]) == 2

@@ -123,7 +123,9 @@ def _run(rest: list[str]) -> int:
     heartbeat = float(opts.get("heartbeat", storages.HEARTBEAT_SECONDS))
     if heartbeat <= 0:
         raise UserError(f"heartbeat={heartbeat:g}: heartbeat must be a number of seconds above 0.")
-    _threads(opts.get("threads", DEFAULT_THREADS))
+    threads = int(opts.get("threads", DEFAULT_THREADS))
+    if threads < 1:
+        raise UserError(f"threads={threads}: threads must be at least 1.")
     runner.run(
         study,
         stage=opts.get("stage"),
@@ -131,6 +133,7 @@ def _run(rest: list[str]) -> int:
         timeout=opts.get("timeout"),
         restart=bool(opts.get("restart", False)),
         workers=workers,
+        threads=threads,  # set there: torch loads after the worker processes start
         heartbeat=heartbeat,
         check=bool(opts.get("check", True)),
         out=_print,

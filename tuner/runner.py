@@ -26,7 +26,7 @@ from optuna.pruners import _percentile
 from optuna.trial import FrozenTrial, TrialState
 
 import search_spaces
-from tuner import __version__, artifacts, checks, diagnostics, notes, signals
+from tuner import __version__, artifacts, diagnostics, notes, signals
 from tuner import storage as storages
 from tuner.config import DEFAULT_STUDY, StudyConfig, merged
 from tuner.errors import StageFailed, StageRefused, UserError
@@ -667,6 +667,7 @@ def run(
     timeout: float | None = None,
     restart: bool = False,
     workers: int = 1,
+    threads: int | None = None,
     heartbeat: float = storages.HEARTBEAT_SECONDS,
     check: bool = True,
     out: Print = print,
@@ -676,14 +677,23 @@ def run(
     With ``check``, the pre-flight checks (tuner.checks) run first when the run starts at
     the study's first stage or at its first unfinished one; a failed check raises CheckFailed.
 
-    With ``workers`` > 1, each stage runs in that many processes (one torch thread each) on
-    the same storage, sharing the stage's budget; the next stage is planned when all are done.
+    With ``workers`` > 1, each stage runs in that many processes on the same storage, sharing
+    the stage's budget; the next stage is planned when all are done. Each process trains with
+    ``threads`` torch threads (None: this one keeps torch's setting, the others take one).
     """
     stages = (stage,) if stage else study.stages
     storage = storages.open_existing(study.storage, heartbeat=heartbeat)
     first = plan_stage(study, stages[0], best_of(storage, study))  # may refuse: nothing written
-    with _Workers(workers - 1, heartbeat, study.objective) as helpers:
+    with _Workers(workers - 1, heartbeat, study.objective, threads or 1) as helpers:
+        _set_threads(threads)  # imports torch (2 s): the workers above start beside it
         _run(study, stage, first, storage, helpers, trials, timeout, restart, check, out)
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def _run(
@@ -703,6 +713,8 @@ def _run(
     workers, heartbeat = len(helpers.processes) + 1, helpers.heartbeat
     fn = load_objective(study.objective)
     preflight(first, stages)
+    from tuner import checks  # not with this module: it imports torch (see _set_threads)
+
     if check and checks.due(study, stages[0], storage):
         checks.preflight(first.incumbent, study.objective, out)
     if storage is None:  # a new SQLite file: made now that the plan and checks hold
@@ -781,14 +793,14 @@ class _Workers:
     of a run. They start with the run, so that their imports (torch, the objective: seconds)
     overlap with its planning and checks, and serve all its stages."""
 
-    def __init__(self, n: int, heartbeat: float, objective: str) -> None:
+    def __init__(self, n: int, heartbeat: float, objective: str, threads: int = 1) -> None:
         context = multiprocessing.get_context("spawn")  # no forked torch or database state
         self.heartbeat = heartbeat
         self.pipes = [context.Pipe() for _ in range(n)]
         self.processes = [
             context.Process(
                 target=_worker_main,
-                args=(jobs, index, heartbeat, objective),
+                args=(jobs, index, heartbeat, objective, threads),
                 name=f"tuner-worker-{index}",
             )
             for index, (_, jobs) in enumerate(self.pipes, start=1)
@@ -832,12 +844,12 @@ class _Workers:
             process.join()
 
 
-def _worker_main(jobs: Connection, index: int, heartbeat: float, objective: str) -> None:
-    """A worker process: one torch thread, the run's stages as they come, its own storage
-    connection."""
-    import torch
-
-    torch.set_num_threads(1)
+def _worker_main(
+    jobs: Connection, index: int, heartbeat: float, objective: str, threads: int
+) -> None:
+    """A worker process: ``threads`` torch threads, the run's stages as they come, its own
+    storage connection."""
+    _set_threads(threads)
     signals.install()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
