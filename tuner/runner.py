@@ -696,6 +696,15 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _warm_up() -> None:
+    """Pay a process's one-time cost of its first trial ahead, while a worker waits for the
+    run's plan and checks: torch imports its compiler (torch._dynamo, about 1 s here) when
+    the process builds its first optimizer."""
+    import torch
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
 def _run(
     study: StudyConfig,
     stage: str | None,
@@ -856,6 +865,7 @@ def _worker_main(
     try:
         with contextlib.suppress(Exception):  # imported ahead; the run reports what fails
             load_objective(objective)
+        _warm_up()
         while (job := jobs.recv()) is not None:
             plan, budget, deadline = job
             jobs.send(_work_share(plan, budget, deadline, index, heartbeat))

@@ -2,15 +2,19 @@
 
 The stage is the lr stage of ``studies/digits_mlp.yaml`` (a real MLP on scikit-learn's
 digits), run by ``python -m tuner run workers=N`` as a user runs it: one torch thread per
-worker (the default), a fresh SQLite file each time, pre-flight checks off (they run once
-whatever N is). Pruning and early stopping are off and the epochs fixed, so every trial is
-the same work whatever the sampler draws (about 1 s on one thread here): the figure is the
-engine's, not the luck of the draw.
+worker (the default), a fresh SQLite file each time, pre-flight checks on (the default; they
+run once, in the first process, whatever N is, while the other workers start and warm up).
+Pruning and early stopping are off and the epochs fixed, so every trial is the same work
+whatever the sampler draws (about 0.5 s on one thread here): the figure is the engine's, not
+the luck of the draw.
 
 Trials per minute = finished trials / (last trial's end - first trial's start), read from the
-stored trials: the helper process's start-up counts (it starts with the first trial), the
-command's own start-up (Python, imports: the same for any N) does not; the command's wall
-time is printed too. Needs both cores free: run it on an otherwise idle machine.
+stored trials: the helper process's start-up counts where it outlasts the first process's
+checks, the command's own start-up (Python, imports, the checks: the same for any N) does
+not; the command's wall time is printed too. ``--checks off`` runs ``check=false``: then the
+first trial of each process also pays torch's one-time cost of a process's first optimizer
+(about 1 s), once with 1 worker and in both processes at once with 2. Needs both cores free:
+run it on an otherwise idle machine.
 
 The baseline is the machine itself: how much more training two processes get done than one.
 Each round also times the digits MLP's training step in a plain torch loop (one thread) for
@@ -20,6 +24,7 @@ engine's own cost of a second worker is its scaling against that ceiling. Run:
 
     python tests/benchmarks/bench_workers.py               # 3 rounds of 40 trials, ~5 min
     python tests/benchmarks/bench_workers.py --trials 20 --rounds 1   # ~1 min
+    python tests/benchmarks/bench_workers.py --checks off             # check=false
 
 Prints, round by round (1 and 2 workers take turns, so that load on this shared machine hits
 both alike), trials per minute of each and the machine's ceiling; then the medians: the
@@ -58,12 +63,12 @@ def study_file(folder: Path, trials: int) -> Path:
     return path
 
 
-def run(workers: int, trials: int) -> tuple[float, float]:
+def run(workers: int, trials: int, checks: bool = True) -> tuple[float, float]:
     """Trials per minute of the stage, and the command's wall time in seconds."""
     folder = Path(tempfile.mkdtemp(prefix="bench-workers-"))
     path = study_file(folder, trials)
     command = [sys.executable, "-m", "tuner", "run", f"study={path}", f"workers={workers}",
-               "check=false"]  # fmt: skip
+               f"check={str(checks).lower()}"]  # fmt: skip
     started = time.perf_counter()
     subprocess.run(command, cwd=folder, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -117,6 +122,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3, help="each with 1 and 2 workers")
     parser.add_argument("--spin", type=float, default=8.0, help="seconds of each ceiling loop")
+    parser.add_argument("--checks", choices=["on", "off"], default="on", help="pre-flight")
     parser.add_argument("--spin-once", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.spin_once:
@@ -131,7 +137,7 @@ def main() -> None:
         print(f"round {r + 1}: the machine: 2 torch loops at once do {ceilings[-1]:.2f}x one's"
               " steps", flush=True)  # fmt: skip
         for workers in (1, 2) if r % 2 == 0 else (2, 1):
-            rate, wall = run(workers, args.trials)
+            rate, wall = run(workers, args.trials, args.checks == "on")
             rates[workers].append(rate)
             print(f"round {r + 1}: workers={workers}: {rate:6.1f} trials/min   "
                   f"({args.trials} trials, command {wall:.1f} s)", flush=True)  # fmt: skip
