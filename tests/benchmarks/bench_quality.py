@@ -20,7 +20,7 @@ then) first scores 98% test accuracy.
 
 Jobs run in parallel lanes (default 2, one per core), longest first. Run:
 
-    python tests/benchmarks/bench_quality.py                      # about 40 min on 2 cores
+    python tests/benchmarks/bench_quality.py                      # about 50 min on 2 cores
     python tests/benchmarks/bench_quality.py --budgets 30 --seeds 0 --joint-budget 30  # smoke
 
 Prints test accuracy per budget for each side (mean and per seed), the time to 98%, and the
