@@ -696,15 +696,6 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _warm_up() -> None:
-    """Pay a process's one-time cost of its first trial ahead, while a worker waits for the
-    run's plan and checks: torch imports its compiler (torch._dynamo, about 1 s here) when
-    the process builds its first optimizer."""
-    import torch
-
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-
-
 def _run(
     study: StudyConfig,
     stage: str | None,
@@ -851,6 +842,15 @@ class _Workers:
             with contextlib.suppress(OSError):
                 pipe.send(None)  # the run is over; a worker in a stage finishes its share first
             process.join()
+
+
+def _warm_up() -> None:
+    """Pay a process's one-time cost of its first trial ahead, while a worker waits for the
+    run's plan and checks: torch imports its compiler (torch._dynamo, about 1 s here) when
+    the process builds its first optimizer."""
+    import torch
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
 def _worker_main(
