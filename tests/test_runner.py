@@ -10,19 +10,17 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tuner import runner
+from tuner import runner, samplers
+from tuner import stage as stage_loop
 from tuner import storage as storages
+from tuner import trial as trial_bridge
 from tuner.config import apply_overrides, load_study
 from tuner.errors import StageFailed, StageRefused
 from tuner.plan import plan_stage
 from tuner.results import best_of, best_trial
-from tuner.runner import (
-    Budget,
-    _CachedPercentilePruner,
-    run_stage,
-    stage_budgets,
-    stage_timeout,
-)
+from tuner.runner import stage_budgets, stage_timeout
+from tuner.samplers import CachedPercentilePruner
+from tuner.stage import Budget, run_stage
 
 
 @pytest.fixture()
@@ -237,7 +235,8 @@ def test_the_cached_median_pruner_decides_as_optunas(
     tmp_path: Path, curve: list[float], decisions: list[bool], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = FakeClock()
-    monkeypatch.setattr(runner, "time", clock)
+    for module in (samplers, stage_loop, trial_bridge):
+        monkeypatch.setattr(module, "time", clock)
     study = optuna.create_study(
         storage=storages.open_storage(f"sqlite:///{tmp_path}/t.db"), direction="maximize"
     )
@@ -250,7 +249,7 @@ def test_the_cached_median_pruner_decides_as_optunas(
     for value in (0.3, 0.5, 0.6, 0.7):
         finish(value)
     plain = optuna.pruners.MedianPruner(n_startup_trials=3)
-    cached = _CachedPercentilePruner(optuna.pruners.MedianPruner(n_startup_trials=3))
+    cached = CachedPercentilePruner(optuna.pruners.MedianPruner(n_startup_trials=3))
     seen = []
     for step in (1, 2, 3, 4):
         running = optuna.trial.create_trial(
@@ -260,7 +259,7 @@ def test_the_cached_median_pruner_decides_as_optunas(
         assert cached.prune(study, running) == plain.prune(study, running)
         seen.append(cached.prune(study, running))
         finish(0.8)  # another worker finishes a trial: a decision a second later counts it
-        clock.sleep(runner.REFRESH_SECONDS)
+        clock.sleep(samplers.REFRESH_SECONDS)
     assert seen == decisions
 
 
@@ -317,7 +316,7 @@ def test_the_cached_pruner_decides_as_optunas_whatever_its_settings(
         study.add_trial(optuna.trial.create_trial(value=0.1 * i, intermediate_values=curve))
     curves = [[0.35, 0.4, 0.42, 0.5, 0.55], [0.05, 0.1, 0.6, 0.7, 0.9], [math.nan] * 5]
     plain = optuna.pruners.MedianPruner(**settings)
-    cached = _CachedPercentilePruner(optuna.pruners.MedianPruner(**settings))
+    cached = CachedPercentilePruner(optuna.pruners.MedianPruner(**settings))
     for curve in curves:
         for step in range(1, 6):
             running = optuna.trial.create_trial(
@@ -331,22 +330,23 @@ def test_the_cached_pruner_counts_other_workers_trials_once_a_second_and_per_tri
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = FakeClock()
-    monkeypatch.setattr(runner, "time", clock)
+    for module in (samplers, stage_loop, trial_bridge):
+        monkeypatch.setattr(module, "time", clock)
     study = optuna.create_study(
         storage=storages.open_storage(f"sqlite:///{tmp_path}/t.db"), direction="maximize"
     )
     for value in (0.3, 0.5, 0.6):
         study.add_trial(optuna.trial.create_trial(value=value, intermediate_values={1: value}))
-    cached = _CachedPercentilePruner(optuna.pruners.MedianPruner(n_startup_trials=3))
+    cached = CachedPercentilePruner(optuna.pruners.MedianPruner(n_startup_trials=3))
     running = study.ask()
     running.report(0.55, 1)  # above the median of 0.3, 0.5, 0.6
     assert not cached.prune(study, running._get_latest_trial())
     for _ in range(2):  # two trials of other workers finish well above it
         study.add_trial(optuna.trial.create_trial(value=0.9, intermediate_values={1: 0.9}))
-    clock.sleep(runner.REFRESH_SECONDS / 2)
+    clock.sleep(samplers.REFRESH_SECONDS / 2)
     # Within the second the count is not read again: the decision stands on what it read ...
     assert not cached.prune(study, running._get_latest_trial())
-    clock.sleep(runner.REFRESH_SECONDS / 2)
+    clock.sleep(samplers.REFRESH_SECONDS / 2)
     # ... a second after it was read, it is, and the median (0.6) is now above the trial.
     assert cached.prune(study, running._get_latest_trial())
     # A new trial's first decision always reads it.
@@ -358,7 +358,8 @@ def test_the_cached_pruner_counts_other_workers_trials_once_a_second_and_per_tri
 
 def test_a_trial_still_running_when_time_is_up_keeps_its_best_epoch(study, monkeypatch) -> None:
     clock = FakeClock()
-    monkeypatch.setattr(runner, "time", clock)
+    for module in (samplers, stage_loop, trial_bridge):
+        monkeypatch.setattr(module, "time", clock)
 
     def slow(config, report):
         for epoch, value in enumerate([0.5, 0.8, 0.7, 0.9, 0.95], start=1):

@@ -19,7 +19,8 @@ from tuner import storage as storages
 from tuner.config import apply_overrides, load_study
 from tuner.plan import StagePlan, plan_stage
 from tuner.results import best_of
-from tuner.runner import Budget, make_objective, start_stage, work
+from tuner.stage import Budget, start_stage, work
+from tuner.trial import make_objective
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 

@@ -14,7 +14,7 @@ from tuner.config import apply_overrides, load_study
 from tuner.errors import UserError
 from tuner.plan import plan_stage
 from tuner.results import best_of, best_trial
-from tuner.runner import Budget, run_stage
+from tuner.stage import Budget, run_stage
 
 
 @pytest.mark.parametrize(
