@@ -12,11 +12,12 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from tests import fake_study
-from tuner import status, yamlio
+from tuner import _status as status
+from tuner import yamlio
+from tuner._train import train
 from tuner.cli import main
 from tuner.config import load_study
 from tuner.diagnostics import diagnose
-from tuner.train import train
 
 LR = FloatDistribution(3e-4, 3e-2, log=True)
 SCHEDULE = CategoricalDistribution(["constant", "cosine"])

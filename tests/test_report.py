@@ -14,7 +14,7 @@ from optuna.trial import TrialState, create_trial
 
 from tests.browser import colours, render
 from tests.tiny_study import STAGES, Tiny, expect_user_error, run_tiny
-from tuner import report
+from tuner import _report as report
 from tuner.cli import main
 from tuner.config import apply_overrides, load_study, merged
 

@@ -12,9 +12,8 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
 
-from tuner import __version__, signals
+from tuner import __version__, signals, yamlio
 from tuner import storage as storages
 from tuner.config import DEFAULT_STUDY, Overrides, apply_overrides, load_study, parse_pairs
 from tuner.errors import CheckFailed, StageFailed, UserError
@@ -113,33 +112,26 @@ def _resolve(command: str, rest: list[str]) -> Overrides:
 
 
 def _run(rest: list[str]) -> int:
-    from tuner import runner, status  # torch and optuna load here, not for --help
+    import tuner
+    from tuner import _status as status
 
     resolved = _resolve("run", rest)
     opts, study = resolved.options, resolved.study
-    workers = int(opts.get("workers", 1))
-    if workers < 1:
-        raise UserError(f"workers={workers}: workers must be at least 1.")
-    heartbeat = float(opts.get("heartbeat", storages.HEARTBEAT_SECONDS))
-    if heartbeat <= 0:
-        raise UserError(f"heartbeat={heartbeat:g}: heartbeat must be a number of seconds above 0.")
-    threads = int(opts.get("threads", DEFAULT_THREADS))
-    if threads < 1:
-        raise UserError(f"threads={threads}: threads must be at least 1.")
-    runner.run(
+    result = tuner.run(
         study,
         stage=opts.get("stage"),
         trials=opts.get("trials"),
         timeout=opts.get("timeout"),
         restart=bool(opts.get("restart", False)),
-        workers=workers,
-        threads=threads,  # set there: torch loads after the worker processes start
-        heartbeat=heartbeat,
+        workers=opts.get("workers", 1),
+        threads=opts.get("threads", DEFAULT_THREADS),  # set after the worker processes start
+        heartbeat=opts.get("heartbeat"),
         check=bool(opts.get("check", True)),
-        out=_print,
+        progress=_print,
     )
     print()
-    print(status.render(study, status.collect(study)))
+    print(f"run ended after {result.seconds:.0f} s: {result.ended}.")
+    print(status.render(study, result.stages))
     print()
     print("next:")
     study_arg = "" if study.name == DEFAULT_STUDY else f" study={study.arg}"
@@ -151,73 +143,80 @@ def _run(rest: list[str]) -> int:
 
 
 def _check(rest: list[str]) -> int:
-    from tuner import checks  # torch loads here, not for --help
+    import tuner
 
     resolved = _resolve("check", rest)
-    _threads(resolved.options.get("threads", DEFAULT_THREADS))
-    checks.preflight(resolved.study.config, resolved.study.objective, out=_print)
+    threads = resolved.options.get("threads", DEFAULT_THREADS)
+    tuner.check(resolved.study, threads=threads, progress=_print)
     return 0
 
 
 def _status(rest: list[str]) -> int:
-    from tuner import status
+    import tuner
+    from tuner import _status as status
 
-    print(status.show(_resolve("status", rest).study))
+    study = _resolve("status", rest).study
+    print(status.render(study, tuner.status(study)))
     return 0
 
 
 def _export(rest: list[str]) -> int:
-    from tuner import export
+    import tuner
 
     resolved = _resolve("export", rest)
-    document = export.best_config(resolved.study, resolved.options.get("stage"))
-    path = export.write(document, str(resolved.options.get("out", "best.yaml")))
-    prov = document["provenance"]
+    stage = resolved.options.get("stage")
+    path = tuner.export(resolved.study, str(resolved.options.get("out", "best.yaml")), stage)
+    prov = tuner.best_config(resolved.study, stage)["provenance"]
     print(
         f"wrote {path}: stage {prov['stage']} trial #{prov['trial']},"
-        f" validation {document['metric']} {prov['value']:.4f}"
+        f" validation {resolved.study.metric} {prov['value']:.4f}"
     )
     print(f"train it: python -m tuner train config={path}")
     return 0
 
 
 def _dashboard(rest: list[str]) -> int:
-    from tuner import dashboard
+    import tuner
 
     resolved = _resolve("dashboard", rest)
     opts = resolved.options
-    dashboard.serve(
+    tuner.dashboard(
         resolved.study,
         host=str(opts.get("host", "127.0.0.1")),
         port=int(opts.get("port", 8080)),
         artifacts=opts.get("artifacts"),
+        progress=_print,
     )
     return 0
 
 
 def _report(rest: list[str]) -> int:
-    from tuner import report
+    import tuner
 
     resolved = _resolve("report", rest)
     opts = resolved.options
-    path = report.make(resolved.study, opts.get("out"), opts.get("format"))
+    path = tuner.report(resolved.study, opts.get("out"), opts.get("format"))
     size = path.stat().st_size
     print(f"wrote {path} ({size / 1e6:.1f} MB)" if size > 1e5 else f"wrote {path} ({size} bytes)")
     return 0
 
 
 def _train(rest: list[str]) -> int:
-    from tuner import export, train
+    import tuner
 
     pairs = parse_pairs(rest)
     config = pairs.pop("config", None)
     if config is None:
         raise UserError("train needs config=FILE, an exported config (python -m tuner export).")
     out = pairs.pop("out", "trained")
-    threads = pairs.pop("threads", None)
-    repeats = _int_option("repeats", pairs.pop("repeats", None)) or 1
-    _threads(_int_option("threads", threads) or DEFAULT_THREADS)
-    train.train(export.read(config), out, pairs, repeats=repeats)
+    threads = _int_option("threads", pairs.pop("threads", None))
+    repeats = _int_option("repeats", pairs.pop("repeats", None))
+    values = {key: yamlio.parse_value(text) for key, text in pairs.items()}
+    tuner.train(
+        config, out, repeats=1 if repeats is None else repeats,
+        threads=DEFAULT_THREADS if threads is None else threads,
+        progress=_print, **values,
+    )  # fmt: skip
     return 0
 
 
@@ -237,15 +236,6 @@ def _int_option(key: str, text: str | None) -> int | None:
         return int(text)
     except ValueError:
         raise UserError(f"{key}={text}: {key} must be an integer.") from None
-
-
-def _threads(threads: Any) -> None:
-    import torch
-
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"threads={threads}: threads must be at least 1.")
-        torch.set_num_threads(threads)
 
 
 def _quiet_libraries() -> None:

@@ -156,8 +156,12 @@ def study_path(name: str) -> Path:
 def load_study(name: str = DEFAULT_STUDY) -> StudyConfig:
     """Read and check a study file."""
     path = study_path(name)
-    data = yamlio.load(path)
-    src = str(path)
+    return study_from(yamlio.load(path), str(path))
+
+
+def study_from(data: Any, src: str, default_name: str | None = None) -> StudyConfig:
+    """Check a study's mapping (a study file's content) and resolve it; ``src`` names where
+    it came from in messages."""
     if not isinstance(data, dict):
         raise UserError(f"{src}: a study file is a mapping of keys, got {type(data).__name__}.")
     _reject_unknown(data, _TOP_KEYS, src)
@@ -178,7 +182,7 @@ def load_study(name: str = DEFAULT_STUDY) -> StudyConfig:
     trials = budget.get("trials", {})
     share = budget.get("share", {})
     study = StudyConfig(
-        name=str(data.get("name") or path.stem),
+        name=str(data.get("name") or default_name or Path(src).stem),
         source=src,
         objective=str(data.get("objective", "objectives:train")),
         metric=str(data.get("metric", "accuracy")),
@@ -247,14 +251,49 @@ def parse_pairs(args: Iterable[str]) -> dict[str, str]:
 def apply_overrides(
     study: StudyConfig, pairs: Mapping[str, str], options: Mapping[str, type | tuple[type, ...]]
 ) -> Overrides:
-    """Split overrides into command options (typed by ``options``) and study changes."""
+    """Split ``key=value`` overrides into command options (typed by ``options``) and study
+    changes; each value is read as YAML and must have the type of what it replaces."""
+    return _apply(study, [(k, yamlio.parse_value(t), t) for k, t in pairs.items()], options)
+
+
+def apply_values(study: StudyConfig, values: Mapping[str, Any]) -> StudyConfig:
+    """``apply_overrides`` for values already typed, as Python passes them: keys are dotted
+    (``"model.width"``) or nested (``model={"width": 64}``), checked as strictly."""
+    items = [(key, value, show(value)) for key, value in flatten_values(values).items()]
+    return _apply(study, items, {}).study
+
+
+def show(value: Any) -> str:
+    """A value as a user would have typed it after ``key=``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def flatten_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword overrides, nested or dotted, as dotted keys (``model={"width": 8}``)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{key}."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def _apply(
+    study: StudyConfig,
+    items: Iterable[tuple[str, Any, str]],
+    options: Mapping[str, type | tuple[type, ...]],
+) -> Overrides:
     flat_defaults = flatten(study.defaults)
     opts: dict[str, Any] = {}
     hand: dict[str, Any] = dict(study.overrides)
     changes: dict[str, Any] = {}
     pruner, sampler = dict(study.pruner), dict(study.sampler)
-    for key, text in pairs.items():
-        value = yamlio.parse_value(text)
+    for key, value, text in items:
         if key in options:
             opts[key] = _coerce(key, value, options[key], text)
         elif key in _STUDY_OVERRIDES:
@@ -263,7 +302,7 @@ def apply_overrides(
             (pruner if key.startswith("pruner.") else sampler)[key.split(".", 1)[1]] = value
         else:
             extra = [*options, *_STUDY_OVERRIDES, "pruner.name", "sampler.name"]
-            hand[key] = coerce_override(key, text, flat_defaults, extra)
+            hand[key] = _coerce_config_key(key, value, text, flat_defaults, extra)
     resolved = replace(study, pruner=pruner, sampler=sampler, overrides=hand, **changes)
     check(resolved)
     return Overrides(options=opts, study=resolved)
@@ -273,10 +312,21 @@ def coerce_override(
     key: str, text: str, flat_config: Mapping[str, Any], also_known: Iterable[str] = ()
 ) -> Any:
     """The typed value of ``key=text`` for a config key; unknown keys suggest a close one."""
+    return _coerce_config_key(key, yamlio.parse_value(text), text, flat_config, also_known)
+
+
+def coerce_value(key: str, value: Any, flat_config: Mapping[str, Any]) -> Any:
+    """``coerce_override`` for a value already typed (from Python)."""
+    return _coerce_config_key(key, value, show(value), flat_config)
+
+
+def _coerce_config_key(
+    key: str, value: Any, text: str, flat_config: Mapping[str, Any], also_known: Iterable[str] = ()
+) -> Any:
     if key not in flat_config:
         known = [*also_known, *flat_config]
         raise UserError(f"Unknown config key: {key}{_did_you_mean(key, known)}.")
-    return _coerce_like(key, yamlio.parse_value(text), flat_config[key], text)
+    return _coerce_like(key, value, flat_config[key], text)
 
 
 def _coerce_like(key: str, value: Any, default: Any, text: str) -> Any:

@@ -20,9 +20,42 @@ from tuner.errors import UserError
 Report = Callable[[int, dict[str, float]], None]
 Objective = Callable[..., dict[str, Any]]
 
+_GIVEN: dict[str, Objective] = {}  # callables passed from Python, by their spec
+
+
+def register(fn: Objective) -> str:
+    """The ``module:function`` spec of a callable passed from Python, remembered in this process
+    so that ``load_objective`` returns the callable itself (a lambda or a notebook's function
+    included); the stages store the spec."""
+    if not callable(fn):
+        raise UserError(f"objective must be a function (config, report) or 'module:function',"
+                        f" got {type(fn).__name__}.")  # fmt: skip
+    module = getattr(fn, "__module__", None) or "__main__"
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", type(fn).__name__)
+    spec = f"{module}:{name}"
+    _check_signature(spec, fn)
+    _GIVEN[spec] = fn
+    return spec
+
+
+def not_importable(spec: str) -> str | None:
+    """Why a worker process (which imports its objective anew) could not load ``spec``, or
+    None: a lambda or a function defined inside another, or one of a notebook's cells."""
+    if spec not in _GIVEN:
+        return None
+    module, _, name = spec.partition(":")
+    if "<" in name or "." in name:
+        return f"objective {name} is a lambda or is defined inside a function or class"
+    main = sys.modules.get("__main__")
+    if module == "__main__" and getattr(main, "__file__", None) is None:
+        return f"objective {name} is defined in a notebook or an interactive session"
+    return None
+
 
 def load_objective(spec: str) -> Objective:
     """Import ``module:function``; the current folder is importable, like ``python -m``."""
+    if spec in _GIVEN:
+        return _GIVEN[spec]
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise UserError(

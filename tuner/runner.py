@@ -62,8 +62,10 @@ def run(
     heartbeat: float = storages.HEARTBEAT_SECONDS,
     check: bool = True,
     out: Print = print,
-) -> None:
+    draw: bool = True,
+) -> str:
     """Run one stage, or all stages in order; nothing is written before the plan holds.
+    Return why the run ended, in words.
 
     With ``check``, the pre-flight checks (tuner.checks) run first when the run starts at
     the study's first stage or at its first unfinished one; a failed check raises CheckFailed.
@@ -77,7 +79,9 @@ def run(
     first = plan_stage(study, stages[0], best_of(storage, study))  # may refuse: nothing written
     with Pool(workers - 1, heartbeat, study.objective, threads or 1) as helpers:
         set_threads(threads)  # imports torch (2 s): the workers above start beside it
-        _run(study, stage, first, storage, helpers, trials, timeout, restart, check, out)
+        return _run(
+            study, stage, first, storage, helpers, trials, timeout, restart, check, out, draw
+        )
 
 
 def _run(
@@ -91,7 +95,8 @@ def _run(
     restart: bool,
     check: bool,
     out: Print,
-) -> None:
+    draw: bool,
+) -> str:
     """``run`` once its worker processes are started: their imports overlap with this."""
     stages = (stage,) if stage else study.stages
     workers, heartbeat = len(helpers.processes) + 1, helpers.heartbeat
@@ -117,7 +122,7 @@ def _run(
             continue
         deadline = None if budget.timeout is None else time.time() + budget.timeout
         # The bar shares the terminal with worker processes' lines only when there are none.
-        bar = StageProgress(plan.stage, budget.trials, budget.timeout, draw=workers == 1)
+        bar = StageProgress(plan.stage, budget.trials, budget.timeout, draw=draw and workers == 1)
         bar.update(done, None)
         with bar:
             helpers.start(plan, budget, deadline)
@@ -126,6 +131,9 @@ def _run(
         notes.write_stage_note(found, diagnostics.record(found, out))
         if name != stages[-1] and best_of(storage, study)(name) is None:
             raise StageFailed(_nothing_finished(study, found))
+    if run_deadline is not None and time.time() >= run_deadline - 1.0:
+        return f"its timeout ({timeout:.0f} s) was spent"
+    return "every stage ran its budget of trials"
 
 
 def _nothing_finished(study: StudyConfig, found: optuna.Study) -> str:

@@ -130,9 +130,14 @@ def _fmt(value: Any) -> str:
 
 def show(study: StudyConfig) -> str:
     """``tuner status``: fails with one line where there is nothing to show."""
+    return render(study, collect_existing(study))
+
+
+def collect_existing(study: StudyConfig) -> list[StageStatus]:
+    """``collect``, failing with one line where the storage does not exist."""
     if not storages.exists(study.storage):
         raise UserError(
             f"No storage at {storages.mask(study.storage)}: run `python -m tuner run` first"
             " (or pass storage=...)."
         )
-    return render(study, collect(study))
+    return collect(study)

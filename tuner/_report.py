@@ -22,11 +22,12 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner import __version__, export, notes
+from tuner import __version__, notes
+from tuner import _export as export
 from tuner import storage as storages
+from tuner._status import StageStatus, collect
 from tuner.config import StudyConfig
 from tuner.errors import UserError
-from tuner.status import StageStatus, collect
 
 FORMATS = ("html", "csv")
 CURVES = 5  # learning curves drawn per stage: its best trials
