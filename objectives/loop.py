@@ -457,10 +457,11 @@ def validate(config: Mapping[str, Any]) -> None:
     check_schedule(config)
     _monitored(config)
     choose("precision", config.get("precision", "auto"), dict.fromkeys(PRECISIONS))
-    keys = ["batch_size"] + (["epochs"] if config.get("time_budget") is None else [])
-    for key in keys:
+    for key in ("batch_size", "epochs"):  # with a time budget, epochs still caps the run
         if int(config[key]) < 1:
             raise ValueError(f"{key} must be at least 1 but got {config[key]!r}.")
+    if "seed" in config and not 0 <= int(config["seed"]) < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32) but got {config['seed']!r}.")
     if config.get("patience") is not None and int(config["patience"]) < 0:
         raise ValueError(f"patience must be at least 0 but got {config['patience']!r}.")
     budget = config.get("time_budget")

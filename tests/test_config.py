@@ -5,15 +5,9 @@ from pathlib import Path
 import pytest
 
 from tuner import yamlio
-from tuner.config import (
-    apply_overrides,
-    flatten,
-    get_path,
-    load_study,
-    merged,
-    parse_pairs,
-)
+from tuner.config import apply_overrides, load_study, parse_pairs
 from tuner.errors import UserError
+from tuner.nested import flatten, get_path, merged
 
 RUN_OPTIONS = {"stage": str, "trials": int, "timeout": (float, int), "restart": bool}
 

@@ -16,7 +16,8 @@ from tests.browser import colours, render
 from tests.tiny_study import STAGES, Tiny, expect_user_error, run_tiny
 from tuner import _report as report
 from tuner.cli import main
-from tuner.config import apply_overrides, load_study, merged
+from tuner.config import apply_overrides, load_study
+from tuner.nested import merged
 
 
 @pytest.fixture(scope="module")

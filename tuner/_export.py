@@ -15,8 +15,9 @@ from typing import Any
 
 from tuner import __version__, yamlio
 from tuner import storage as storages
-from tuner.config import StudyConfig, flatten, get_path
+from tuner.config import StudyConfig
 from tuner.errors import UserError
+from tuner.nested import flatten, get_path
 from tuner.plan import Source, load_space
 from tuner.results import best_trial
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from tuner import yamlio
-from tuner.config import coerce_override, flatten, merged
+from tuner.config import coerce_override
 from tuner.errors import UserError
+from tuner.nested import flatten, merged
 from tuner.objective import accepts_test, load_objective
 
 Print = Callable[[str], None]

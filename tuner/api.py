@@ -33,13 +33,11 @@ from tuner.config import (
     StudyConfig,
     apply_values,
     coerce_value,
-    flatten,
-    flatten_values,
     load_study,
-    merged,
     study_from,
 )
 from tuner.errors import UserError
+from tuner.nested import flatten, flatten_values, merged
 from tuner.objective import Objective, load_validator, not_importable, register
 
 if TYPE_CHECKING:
@@ -315,7 +313,7 @@ def _at_least(key: str, value: Any, least: int) -> None:
 def _seconds(key: str, value: Any) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or value <= 0:
-        raise UserError(f"{key}={value}: {key} must be a number of seconds above 0.")
+        raise UserError(f"{key}={value:g}: {key} must be a number of seconds above 0.")
 
 
 def _printer(progress: Progress) -> Callable[[str], None]:

@@ -8,7 +8,6 @@ match, and a value must have the type of the default it replaces.
 
 from __future__ import annotations
 
-import copy
 import difflib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -17,6 +16,7 @@ from typing import Any
 
 from tuner import yamlio
 from tuner.errors import UserError
+from tuner.nested import flatten, flatten_values, merged
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 DEFAULT_STUDY = "mnist1d_cnn"
@@ -31,49 +31,6 @@ _TOP_KEYS = {
 }  # fmt: skip
 # Study-level keys a ``key=value`` override may set (besides the trial config's keys).
 _STUDY_OVERRIDES = ("storage", "metric", "direction", "objective")
-
-
-# --- nested dicts, addressed by dotted keys ---------------------------------------------
-
-
-def get_path(data: Mapping[str, Any], key: str) -> Any:
-    """``get_path({"model": {"width": 8}}, "model.width") == 8``; KeyError if absent."""
-    node: Any = data
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            raise KeyError(key)
-        node = node[part]
-    return node
-
-
-def set_path(data: dict[str, Any], key: str, value: Any) -> None:
-    """Set a dotted key in place, creating the sections on the way."""
-    *parents, last = key.split(".")
-    node = data
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = value
-
-
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"width": 8}}`` -> ``{"model.width": 8}`` (lists stay values)."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, path + "."))
-        else:
-            flat[path] = value
-    return flat
-
-
-def merged(base: Mapping[str, Any], *layers: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of ``base`` with each layer's flat or nested values set over it."""
-    out = copy.deepcopy(dict(base))
-    for layer in layers:
-        for key, value in flatten(layer).items():
-            set_path(out, key, copy.deepcopy(value))
-    return out
 
 
 # --- the study config --------------------------------------------------------------------
@@ -222,6 +179,36 @@ def check(study: StudyConfig) -> None:
     for stage in study.spaces:
         if stage not in study.stages:
             raise UserError(f"{src}: search_spaces.{stage} names no stage of this study.")
+    config = study.config
+    for key, least in (("seed", 0), ("epochs", 1)):  # tuner reads them: sampler seeds, pruner
+        value = config.get(key)
+        if key in config and (
+            isinstance(value, bool) or not isinstance(value, int) or value < least
+        ):
+            raise UserError(
+                f"{key}={show(value)}: {key} must be a whole number of at least {least}."
+            )
+    for section, options in (("sampler", study.sampler), ("pruner", study.pruner)):
+        for key, value in options.items():
+            if key not in _COUNTS:
+                continue  # the sampler or pruner checks the rest when it is made
+            least = _COUNTS[key]
+            if (value is None and key == "seed") or (value == "auto" and "resource" in key):
+                continue  # no seed; Hyperband's "auto" resources
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise UserError(
+                    f"{section}.{key}={show(value)}: {section}.{key} must be a whole number of"
+                    f" at least {least}."
+                )
+
+
+# Counts and seeds of Optuna's samplers and pruners (TPESampler, MedianPruner, HyperbandPruner
+# ...), checked before anything is written: Optuna itself reads some only at the first trial.
+_COUNTS = {
+    "seed": 0, "n_startup_trials": 0, "n_warmup_steps": 0, "interval_steps": 1,
+    "n_min_trials": 1, "n_ei_candidates": 1, "min_resource": 1, "max_resource": 1,
+    "reduction_factor": 2, "min_early_stopping_rate": 0, "bootstrap_count": 0,
+}  # fmt: skip
 
 
 # --- overrides -----------------------------------------------------------------------------
@@ -270,17 +257,6 @@ def show(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
-
-
-def flatten_values(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Keyword overrides, nested or dotted, as dotted keys (``model={"width": 8}``)."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{key}."))
-        else:
-            flat[key] = value
-    return flat
 
 
 def _apply(

@@ -13,8 +13,9 @@ from typing import Any
 
 import search_spaces
 from search_spaces import SearchSpace, SearchSpaceError
-from tuner.config import DEFAULT_STUDY, StudyConfig, flatten, get_path, merged
+from tuner.config import DEFAULT_STUDY, StudyConfig
 from tuner.errors import StageRefused, UserError
+from tuner.nested import flatten, get_path, merged
 
 
 @dataclass(frozen=True)

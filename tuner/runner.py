@@ -15,8 +15,9 @@ from optuna.trial import TrialState
 
 from tuner import diagnostics, notes
 from tuner import storage as storages
-from tuner.config import DEFAULT_STUDY, StudyConfig, merged
+from tuner.config import DEFAULT_STUDY, StudyConfig
 from tuner.errors import StageFailed, UserError
+from tuner.nested import merged
 from tuner.objective import load_objective, load_validator
 from tuner.plan import StagePlan, load_space, plan_stage
 from tuner.pool import Pool, set_threads

@@ -276,7 +276,7 @@ def _seed(plan: StagePlan, n_before: int, worker: int = 0) -> int:
     # A resumed stage must not replay the random start-up trials of its first session, and
     # parallel workers must not draw the same ones.
     base = int(plan.incumbent.get("seed", 0) or 0) * 10_007 + plan.index * 101
-    return base + n_before + worker * 7_919
+    return (base + n_before + worker * 7_919) % 2**32  # numpy's range for a seed
 
 
 def _header(plan: StagePlan, budget: Budget, done: int, out: Print) -> None:

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 import search_spaces
 from tuner import artifacts, signals
 from tuner import storage as storages
-from tuner.config import merged
+from tuner.nested import merged
 from tuner.objective import Objective
 from tuner.plan import StagePlan
 from tuner.results import SURPLUS
