@@ -24,7 +24,7 @@ SPACES_DIR = Path(__file__).resolve().parent
 # The fields that say what kind of parameter a spec is; a study's change that names one of
 # them replaces the kind instead of merging into it.
 _KIND_FIELDS = {"choices", "low", "high", "log", "step", "powers_of_two", "around", "scale"}
-_FIELDS = _KIND_FIELDS | {"per", "when"}
+_FIELDS = _KIND_FIELDS | {"per", "when", "natural"}
 
 
 class SearchSpaceError(ValueError):
@@ -52,6 +52,7 @@ class Param:
     scale: Mapping[str, float] = field(default_factory=dict)
     per: str | None = None
     when: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    natural: tuple[str, ...] = ()  # edges ("low", "high") that a best value may sit at
 
     def active(self, config: Mapping[str, Any]) -> bool:
         """Whether this parameter exists for a config (its ``when`` holds)."""
@@ -194,7 +195,15 @@ def _param(where: str, key: str, spec: Any) -> Param:
     when = {
         k: tuple(v) if isinstance(v, list) else (v,) for k, v in (spec.get("when") or {}).items()
     }
-    common: dict[str, Any] = {"key": key, "per": spec.get("per"), "when": when}
+    natural = spec.get("natural") or []
+    if not isinstance(natural, list) or not set(natural) <= {"low", "high"}:
+        raise SearchSpaceError(f"{where}: natural is a list of edges, low and/or high.")
+    common: dict[str, Any] = {
+        "key": key,
+        "per": spec.get("per"),
+        "when": when,
+        "natural": tuple(natural),
+    }
     if "powers_of_two" in spec:
         return Param(choices=_powers_of_two(where, spec["powers_of_two"]), **common)
     if "choices" in spec:

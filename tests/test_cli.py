@@ -79,11 +79,13 @@ def test_tiny_run_then_status_export_and_train_round_trip(tmp_path: Path) -> Non
     document = yamlio.load(tmp_path / "best.yaml")
     assert document["config"]["data"]["name"] == "digits"
     assert document["config"]["epochs"] == 3  # the override is part of the config
+    # The refinement stage re-tunes what the lr stage chose (lr, schedule, warm-up): every
+    # value of the lr stage now comes from it.
     assert set(document["provenance"]["stages"]) == {
         "batch_size",
-        "lr",
         "optimizer",
         "architecture",
+        "refine",
     }
 
     train = tuner("train", "config=best.yaml", "out=trained", cwd=tmp_path)

@@ -35,9 +35,9 @@ def test_malformed_yaml_names_the_file_and_line(tmp_path: Path) -> None:
         load_study(str(bad))
 
 
-def test_default_study_loads_with_all_four_stages() -> None:
+def test_default_study_loads_with_the_four_stages_and_the_refinement() -> None:
     study = load_study()
-    assert study.stages == ("batch_size", "lr", "optimizer", "architecture")
+    assert study.stages == ("batch_size", "lr", "optimizer", "architecture", "refine")
     assert study.name == "mnist1d_cnn"
     assert study.config["metric"] == "accuracy"  # the objective learns what to early-stop on
 

@@ -125,7 +125,7 @@ def test_plots_that_cannot_be_drawn_become_sentences(tmp_path: Path) -> None:
     assert "this stage has 2 complete trial(s), all with the same parameters" in text
     assert "No complete trial yet." in text  # lr's history
     assert "No complete trial reported per-epoch values." in text
-    assert text.count("Not run yet.") == 1  # architecture
+    assert text.count("Not run yet.") == 2  # architecture, refine
 
 
 def test_the_page_renders_in_chromium(page: Path, tmp_path: Path) -> None:

@@ -159,12 +159,12 @@ def test_a_stage_is_refused_when_upstream_changed_and_restart_runs_it_anew(study
 def test_run_budgets_share_trials_and_time_as_the_study_says(study) -> None:
     stages = study.stages
     assert stage_budgets(study, stages, None) == study.trials
-    assert stage_budgets(study, stages, 20) == {
-        "batch_size": 2, "lr": 6, "optimizer": 6, "architecture": 6,
+    assert stage_budgets(study, stages, 24) == {
+        "batch_size": 2, "lr": 6, "optimizer": 6, "architecture": 6, "refine": 4,
     }  # fmt: skip
     assert stage_budgets(study, ("lr",), 20) == {"lr": 20}
-    # 100 s left for lr, optimizer, architecture (shares 3, 3, 3): a third each.
-    assert stage_timeout(study, "lr", stages[1:], 100.0) == pytest.approx(100 / 3)
+    # 110 s left for lr, optimizer, architecture, refine (shares 3, 3, 3, 2): 3/11 for lr.
+    assert stage_timeout(study, "lr", stages[1:], 110.0) == pytest.approx(30.0)
     assert stage_timeout(study, "lr", stages[1:], None) is None
 
 

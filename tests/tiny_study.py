@@ -1,4 +1,4 @@
-"""A tiny study run through the command line with a fake objective: four stage studies in a
+"""A tiny study run through the command line with a fake objective: five stage studies in a
 SQLite file in a few seconds, each with a dashboard note, for the dashboard and report tests.
 
 The fake objective is a smooth function of the config (no training), so every stage finds
@@ -18,7 +18,7 @@ import pytest
 from tuner.cli import main
 from tuner.notes import write_stage_note
 
-STAGES = ("batch_size", "lr", "optimizer", "architecture")
+STAGES = ("batch_size", "lr", "optimizer", "architecture", "refine")
 
 FAKE_OBJECTIVE = '''\
 """A fake objective: a smooth function of the config, a few 'epochs', no training."""

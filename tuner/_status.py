@@ -8,12 +8,12 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from tuner import diagnostics
+from tuner import closed_loop, diagnostics
 from tuner import storage as storages
 from tuner.config import StudyConfig
 from tuner.errors import StageRefused, UserError
 from tuner.plan import Source, plan_stage, rerun_command, stale_keys
-from tuner.results import SURPLUS, best_of, best_trial
+from tuner.results import SURPLUS, best_of, best_trial, rescored
 
 
 @dataclass
@@ -34,6 +34,9 @@ class StageStatus:
     lineage: dict[str, Source] = field(default_factory=dict)
     stale: list[str] = field(default_factory=list)
     diagnostics: list[str] = field(default_factory=list)
+    best_seeds: list[float] = field(default_factory=list)  # the best's value on each seed
+    widened: list[str] = field(default_factory=list)  # what the closed loop widened, and why
+    ended: str | None = None  # the stop rule's line, where it ended the stage
 
 
 def collect(study: StudyConfig) -> list[StageStatus]:
@@ -69,6 +72,12 @@ def _fill(row: StageStatus, found: optuna.Study) -> None:
     top = best_trial(found)
     if top is not None:
         row.best_value, row.best_number, row.best_params = top.value, top.number, top.params
+        row.best_seeds = rescored(found, top) or []
+    row.widened = [
+        closed_loop.Widening.from_dict(r).line()
+        for r in found.user_attrs.get(closed_loop.WIDENED, [])
+    ]
+    row.ended = found.user_attrs.get("ended") or None
     row.fixed = dict(found.user_attrs.get("fixed", {}))
     row.lineage = {k: Source.from_dict(v) for k, v in found.user_attrs.get("lineage", {}).items()}
     row.diagnostics = diagnostics.diagnose(found)  # computed afresh: running stages too
@@ -87,6 +96,9 @@ def render(study: StudyConfig, rows: list[StageStatus]) -> str:
             table.append((r.stage, f"0/{r.budget}", "-", "-", "-", "-", "-"))
             continue
         best = f"{r.best_value:.4f}" if r.best_value is not None else "-"
+        if r.best_seeds:
+            mean, std, n = closed_loop.spread(r.best_seeds)
+            best = f"{mean:.4f} ± {std:.4f} ({n} seeds)"
         table.append((
             r.stage, f"{r.complete + r.pruned}/{r.budget}", str(r.complete), str(r.pruned),
             str(r.failed), best, f"#{r.best_number}" if r.best_number is not None else "-",
@@ -114,6 +126,7 @@ def _details(study: StudyConfig, r: StageStatus) -> list[str]:
     )
     lines = [f"{r.stage}: best {params}", f"{' ' * len(r.stage)}  fixed {fixed}"]
     lines += [f"{' ' * len(r.stage)}  ! {line}" for line in r.diagnostics]
+    lines += [f"{' ' * len(r.stage)}  {line}" for line in (*r.widened, r.ended) if line]
     if r.running:
         lines.append(f"{' ' * len(r.stage)}  {r.running} trial(s) running now")
     if r.stale:

@@ -20,15 +20,22 @@ from tuner.nested import flatten, flatten_values, merged
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 DEFAULT_STUDY = "mnist1d_cnn"
-KNOWN_STAGES = ("batch_size", "lr", "optimizer", "architecture")
+KNOWN_STAGES = ("batch_size", "lr", "optimizer", "architecture", "refine")
+PLAYBOOK_STAGES = KNOWN_STAGES[:4]  # a study file without `stages:` runs these
 DIRECTIONS = ("maximize", "minimize")
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
 
 _TOP_KEYS = {
     "name", "objective", "metric", "direction", "storage", "stages", "budget", "sampler",
-    "pruner", "search_spaces", "defaults",
+    "pruner", "search_spaces", "defaults", "loop",
 }  # fmt: skip
+# The closed loop's rules (tuner.refine), each a study-file switch: `loop: {widen: false}`.
+LOOP_DEFAULTS: dict[str, Any] = {
+    "widen": True,  # a best value at a non-natural edge widens its range; the stage goes on
+    "rescore": {"top": 3, "seeds": 2},  # a stage's top trials retrained on other seeds
+    "stagnation": 10,  # a stage stops after this many trials without a new best
+}
 # Study-level keys a ``key=value`` override may set (besides the trial config's keys).
 _STUDY_OVERRIDES = ("storage", "metric", "direction", "objective")
 
@@ -55,6 +62,7 @@ class StudyConfig:
     spaces: dict[str, dict[str, Any]]  # the study's changes to search_spaces/<stage>.yaml
     defaults: dict[str, Any]  # the trial config the objective reads
     overrides: dict[str, Any] = field(default_factory=dict)  # config keys set by hand
+    loop: dict[str, Any] = field(default_factory=lambda: dict(LOOP_DEFAULTS))
 
     @property
     def config(self) -> dict[str, Any]:
@@ -88,6 +96,7 @@ class StudyConfig:
             "sampler": self.sampler,
             "pruner": self.pruner,
             "search_spaces": self.spaces,
+            "loop": self.loop,
             "defaults": self.defaults,
             "overrides": self.overrides,
         }
@@ -125,7 +134,7 @@ def study_from(data: Any, src: str, default_name: str | None = None) -> StudyCon
     defaults = data.get("defaults")
     if not isinstance(defaults, dict) or not defaults:
         raise UserError(f"{src}: 'defaults' (the trial config) must be a non-empty mapping.")
-    stages = data.get("stages", list(KNOWN_STAGES))
+    stages = data.get("stages", list(PLAYBOOK_STAGES))
     if not isinstance(stages, list) or not stages:
         raise UserError(f"{src}: 'stages' must be a non-empty list of stage names.")
     for stage in stages:
@@ -153,6 +162,7 @@ def study_from(data: Any, src: str, default_name: str | None = None) -> StudyCon
         pruner=dict(data.get("pruner") or {"name": "median"}),
         spaces=dict(data.get("search_spaces") or {}),
         defaults=defaults,
+        loop=_loop(data.get("loop"), src),
     )
     check(study)
     return study
@@ -350,6 +360,32 @@ def _reject_unknown(data: Mapping[str, Any], allowed: set[str], where: str) -> N
     for key in data:
         if key not in allowed:
             raise UserError(f"{where}: unknown key '{key}'{_did_you_mean(str(key), allowed)}.")
+
+
+def _loop(data: Any, src: str) -> dict[str, Any]:
+    """The closed loop's switches: each rule on by default, `false` turns it off."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{src}: loop is a mapping of switches (widen, rescore, stagnation).")
+    _reject_unknown(data, set(LOOP_DEFAULTS), f"{src}: loop")
+    loop = {**LOOP_DEFAULTS, **data}
+    if not isinstance(loop["widen"], bool):
+        raise UserError(f"{src}: loop.widen must be true or false, got {loop['widen']!r}.")
+    rescore = loop["rescore"]
+    if rescore is True:
+        loop["rescore"] = dict(LOOP_DEFAULTS["rescore"])
+    elif rescore is not False:
+        if not isinstance(rescore, dict):
+            raise UserError(f"{src}: loop.rescore is false or {{top: N, seeds: N}}.")
+        _reject_unknown(rescore, {"top", "seeds"}, f"{src}: loop.rescore")
+        rescore = {**LOOP_DEFAULTS["rescore"], **rescore}
+        for key in ("top", "seeds"):
+            _positive_int(rescore[key], f"loop.rescore.{key}", src)
+        loop["rescore"] = rescore
+    if loop["stagnation"] is not False:
+        _positive_int(loop["stagnation"], "loop.stagnation", src)
+    return loop
 
 
 def _positive_int(value: Any, key: str, src: str) -> int:

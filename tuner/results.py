@@ -4,6 +4,7 @@ status, export, notes and the report need it."""
 from __future__ import annotations
 
 import math
+import statistics
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -12,6 +13,7 @@ from tuner import storage as storages
 from tuner.config import StudyConfig
 from tuner.plan import Best, BestOf, Source
 
+RESCORED = "rescored"  # study user attr: {trial number: values over seeds} (tuner.closed_loop)
 SURPLUS = "surplus"  # stop_reason of a trial that found the budget taken when it started
 
 
@@ -38,12 +40,38 @@ def best_of(storage: optuna.storages.BaseStorage | None, study: StudyConfig) -> 
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The best COMPLETE trial that carries its config, or None."""
+    """The best COMPLETE trial that carries its config, or None.
+
+    Where the stage re-scored its top trials on other seeds (tuner.closed_loop), the best is
+    the one with the best mean over its seeds, not the luckiest single value.
+    """
+    complete = ranked(study)
+    if not complete:
+        return None
+    scored = study.user_attrs.get(RESCORED) or {}
+    rescored = [t for t in complete if len(scored.get(str(t.number), ())) > 1]
+    if len(rescored) < 2:
+        return complete[0]
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+
+    def mean(t: FrozenTrial) -> float:
+        value = statistics.fmean(scored[str(t.number)])
+        return sign * value if math.isfinite(value) else -math.inf
+
+    return max(rescored, key=lambda t: (mean(t), -t.number))  # ties: the earlier trial
+
+
+def ranked(study: optuna.Study) -> list[FrozenTrial]:
+    """The COMPLETE trials that carry their config, best value first (ties: the earlier)."""
     complete = [
         t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if "config" in t.user_attrs and t.value is not None and math.isfinite(t.value)
     ]  # fmt: skip
-    if not complete:
-        return None
-    pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
-    return pick(complete, key=lambda t: (t.value, -t.number))  # ties: the earlier trial
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    return sorted(complete, key=lambda t: (-sign * float(t.value), t.number))  # type: ignore[arg-type]
+
+
+def rescored(study: optuna.Study, trial: FrozenTrial) -> list[float] | None:
+    """A trial's values over the seeds it was trained on, where the stage re-scored it."""
+    values = (study.user_attrs.get(RESCORED) or {}).get(str(trial.number))
+    return list(values) if values and len(values) > 1 else None

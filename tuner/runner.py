@@ -13,12 +13,12 @@ from collections.abc import Callable
 import optuna
 from optuna.trial import TrialState
 
-from tuner import diagnostics, notes
+from tuner import closed_loop, diagnostics, notes, results
 from tuner import storage as storages
 from tuner.config import DEFAULT_STUDY, StudyConfig
 from tuner.errors import StageFailed, UserError
 from tuner.nested import merged
-from tuner.objective import load_objective, load_validator
+from tuner.objective import Objective, load_objective, load_validator
 from tuner.plan import StagePlan, load_space, plan_stage
 from tuner.pool import Pool, set_threads
 from tuner.progress import StageProgress
@@ -27,6 +27,7 @@ from tuner.samplers import make_pruner, make_sampler
 from tuner.stage import Budget, start_stage, work
 
 Print = Callable[[str], None]
+RESCORE_SHARE = 0.2  # of a stage's time, kept for re-scoring its top trials on more seeds
 
 
 def stage_budgets(
@@ -114,27 +115,100 @@ def _run(
         share = 1.0 if not stage else study.share[stage] / sum(study.share.values())
         timeout = study.timeout * share
     run_deadline = None if timeout is None else time.time() + timeout
+    ended = ""
     for i, name in enumerate(stages):
         plan = plan_stage(study, name, best_of(storage, study))
+        existing = None if restart else storages.load(storage, plan.name)
+        if existing is not None:  # a resumed stage searches the ranges it had widened
+            plan = closed_loop.widened(plan, existing.user_attrs.get(closed_loop.WIDENED, []))
         left = None if run_deadline is None else run_deadline - time.time()
-        budget = Budget(budgets[name], stage_timeout(study, name, stages[i:], left))
+        extra = closed_loop.extra_trials(existing)
+        budget = Budget(budgets[name] + extra, stage_timeout(study, name, stages[i:], left))
         done = start_stage(plan, storage, budget, restart=restart, out=out)
         if done >= budget.trials:
             continue
         deadline = None if budget.timeout is None else time.time() + budget.timeout
-        # The bar shares the terminal with worker processes' lines only when there are none.
-        bar = StageProgress(plan.stage, budget.trials, budget.timeout, draw=draw and workers == 1)
-        bar.update(done, None)
-        with bar:
-            helpers.start(plan, budget, deadline)
-            found = work(plan, storage, fn, budget, deadline=deadline, out=bar.wrap(out), bar=bar)
-            helpers.wait()
+        rescore: dict[str, int] | None = None if plan.space.grid else study.loop["rescore"] or None
+        # The trials stop early enough to leave the re-scoring its share of the stage's time.
+        trials_until = deadline
+        if rescore and deadline is not None and budget.timeout is not None:
+            trials_until = deadline - RESCORE_SHARE * budget.timeout
+        runs = Stage(plan, storage, fn, helpers, draw and workers == 1, out)
+        found = runs.trials(budget, trials_until, done)
+        if study.loop["widen"] and not plan.space.grid:
+            found, plan = _widen(runs, found, budget, trials_until, out)
+        if rescore:
+            closed_loop.rescore(found, plan, fn, rescore["top"], rescore["seeds"],
+                                deadline=deadline, out=out)  # fmt: skip
         notes.write_stage_note(found, diagnostics.record(found, out))
+        ended = str(found.user_attrs.get("ended") or "")
         if name != stages[-1] and best_of(storage, study)(name) is None:
             raise StageFailed(_nothing_finished(study, found))
     if run_deadline is not None and time.time() >= run_deadline - 1.0:
         return f"its timeout ({timeout:.0f} s) was spent"
-    return "every stage ran its budget of trials"
+    return ended or "every stage ran its budget of trials"
+
+
+class Stage:
+    """One stage's trials, run here and in the worker processes, with its progress bar."""
+
+    def __init__(
+        self,
+        plan: StagePlan,
+        storage: optuna.storages.BaseStorage,
+        fn: Objective,
+        helpers: Pool,
+        draw: bool,
+        out: Print,
+    ) -> None:
+        self.plan, self.storage, self.fn, self.helpers = plan, storage, fn, helpers
+        self.draw, self.out = draw, out
+
+    def trials(self, budget: Budget, deadline: float | None, done: int) -> optuna.Study:
+        """Run trials until the stage has ``budget.trials`` finished ones, or time is up."""
+        storages.set_study_user_attrs(
+            optuna.load_study(study_name=self.plan.name, storage=self.storage), {"ended": None}
+        )
+        # The bar shares the terminal with worker processes' lines only when there are none.
+        bar = StageProgress(self.plan.stage, budget.trials, budget.timeout, draw=self.draw)
+        bar.update(done, None)
+        with bar:
+            self.helpers.start(self.plan, budget, deadline)
+            found = work(self.plan, self.storage, self.fn, budget, deadline=deadline,
+                         out=bar.wrap(self.out), bar=bar)  # fmt: skip
+            self.helpers.wait()
+        return found
+
+
+def _widen(
+    stage: Stage, found: optuna.Study, budget: Budget, deadline: float | None, out: Print
+) -> tuple[optuna.Study, StagePlan]:
+    """The widening rule (tuner.closed_loop): while the best value sits at a non-natural edge
+    and the stage has time for a few more trials, widen the range and go on."""
+    plan = stage.plan
+    for _ in range(closed_loop.WIDEN_ROUNDS):
+        if found.user_attrs.get("ended"):  # the stop rule ended the stage
+            break
+        ranked = results.ranked(found)
+        each = closed_loop.mean_trial_seconds(found) or 0.0
+        if not ranked:
+            break
+        widenings = closed_loop.edges(plan, ranked[0])
+        if not widenings:
+            break
+        if deadline is not None and deadline - time.time() < 3 * each:
+            out(f"  {widenings[0].key} sits at an edge, but the stage has no time to widen it")
+            break
+        records = closed_loop.record_widenings(found, widenings)
+        plan = closed_loop.widened(plan, records)
+        for w in widenings:
+            out(f"  {w.line()}")
+            found.enqueue_trial(closed_loop.moved(ranked[0], plan, w))
+        budget = Budget(budget.trials + closed_loop.EXTRA_TRIALS * len(widenings), budget.timeout)
+        stage.plan = plan
+        done = sum(1 for t in found.get_trials(deepcopy=False) if t.state.is_finished())
+        found = stage.trials(budget, deadline, done)
+    return found, plan
 
 
 def _nothing_finished(study: StudyConfig, found: optuna.Study) -> str:

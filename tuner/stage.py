@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 import search_spaces
-from tuner import __version__
+from tuner import __version__, closed_loop
 from tuner import storage as storages
 from tuner.errors import StageFailed, StageRefused
 from tuner.objective import Objective
@@ -192,6 +192,11 @@ def work(
             break
         live = sorted(number for number, state in states.items() if state in LIVE)
         waiting = any(states[number] == TrialState.WAITING for number in live[: budget.trials])
+        if not waiting and closed_loop.stagnated(plan, study):
+            if worker == 0:
+                out(f"  {closed_loop.stop_text(plan)}")
+                storages.set_study_user_attrs(study, {"ended": closed_loop.stop_text(plan)})
+            break
         if len(live) < budget.trials or waiting:
             # No callback: Optuna would read the trial back whole for it, and the line needs
             # only what this process holds of it.

@@ -1,0 +1,230 @@
+"""The closed loop's rules (tuner.closed_loop): widen an edge, re-score the top trials on other
+seeds, stop on stagnation. Fake trials where the decision is the point; one fake objective
+where the stage has to go on."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+import tuner
+from tuner import closed_loop
+from tuner.config import load_study
+from tuner.errors import UserError
+from tuner.plan import plan_stage
+from tuner.results import RESCORED, best_trial
+
+STUDY = load_study()
+CONFIG = STUDY.config
+
+
+def lr_plan(**changes: Any):
+    study = STUDY
+    if changes:
+        from dataclasses import replace
+
+        study = replace(STUDY, **changes)
+    return plan_stage(study, "lr", lambda stage: None if stage != "batch_size" else best_bs())
+
+
+def best_bs():
+    from tuner.plan import Best
+
+    return Best("batch_size", 0, 0.9, CONFIG, {})
+
+
+def trial(number: int, value: float, lr: float, warmup: float = 0.1, **attrs: Any):
+    t = create_trial(
+        value=value,
+        params={"lr": lr, "schedule": "cosine", "warmup": warmup},
+        distributions={
+            "lr": FloatDistribution(3e-4, 3e-2, log=True),
+            "schedule": CategoricalDistribution(["constant", "cosine", "onecycle"]),
+            "warmup": FloatDistribution(0.0, 0.4),
+        },
+        user_attrs={"config": {**CONFIG, "lr": lr, "warmup": warmup}, **attrs},
+    )
+    t.number = number
+    return t
+
+
+# --- widen ----------------------------------------------------------------------------------
+
+
+def test_a_best_value_at_a_guessed_edge_widens_it_by_half_the_range_in_its_scale() -> None:
+    [w] = closed_loop.edges(lr_plan(), trial(3, 0.9, 2.9e-2))
+    assert (w.key, w.edge, w.trial) == ("lr", "high", 3)
+    # Two decades, log: a decade more above; the low edge stays.
+    assert w.after == pytest.approx((3e-4, 3e-1))
+    [w] = closed_loop.edges(lr_plan(), trial(3, 0.9, 3.1e-4))
+    assert w.after == pytest.approx((3e-5, 3e-2))
+
+
+@pytest.mark.parametrize(
+    ("lr", "warmup"),
+    [
+        (3e-3, 0.2),  # inside both ranges
+        (3e-3, 0.0),  # no warm-up: a linear range's 0 is an answer, not a limit
+        (3e-3, 0.4),  # the top of warm-up: natural, as lr.yaml says
+    ],
+)
+def test_no_widening_inside_a_range_or_at_a_natural_edge(lr: float, warmup: float) -> None:
+    assert closed_loop.edges(lr_plan(), trial(1, 0.9, lr, warmup)) == []
+
+
+def test_a_range_around_the_incumbent_grows_its_factor() -> None:
+    plan = plan_stage(STUDY, "architecture", lambda stage: _best_all(stage))
+    lr = next(p for p in plan.space.params if p.key == "lr")
+    dist = lr.distribution(plan.incumbent, plan.incumbent)
+    name = lr.name(plan.incumbent)
+    best = create_trial(
+        value=0.9, params={name: dist.high * 0.99}, distributions={name: dist},
+        user_attrs={"config": plan.incumbent},
+    )  # fmt: skip
+    [w] = closed_loop.edges(plan, best)
+    assert w.around == pytest.approx(10**1.5)
+    wider = closed_loop.widened(plan, [w.as_dict()])
+    new = next(p for p in wider.space.params if p.key == "lr")
+    assert new.around == pytest.approx(10**1.5)
+    assert new.distribution(plan.incumbent, plan.incumbent).high == pytest.approx(
+        plan.incumbent["lr"] * 10**1.5
+    )
+
+
+def _best_all(stage: str):
+    from tuner.plan import Best
+
+    return Best(stage, 0, 0.9, CONFIG, {})
+
+
+def test_the_widened_plan_searches_the_new_range_and_starts_where_the_edge_hid() -> None:
+    plan = lr_plan()
+    best = trial(3, 0.9, 2.9e-2)
+    [w] = closed_loop.edges(plan, best)
+    wider = closed_loop.widened(plan, [w.as_dict()])
+    lr = next(p for p in wider.space.params if p.key == "lr")
+    assert (lr.low, lr.high) == pytest.approx((3e-4, 3e-1))
+    moved = closed_loop.moved(best, wider, w)
+    # Halfway (in log) between the old edge and the new one; the other params stay.
+    assert moved["lr"] == pytest.approx(math.sqrt(3e-2 * 3e-1))
+    assert moved["schedule"] == "cosine" and moved["warmup"] == pytest.approx(0.1)
+
+
+# --- rescore ----------------------------------------------------------------------------------
+
+
+def test_the_best_of_a_rescored_stage_is_the_best_mean_not_the_luckiest_value() -> None:
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(trial(0, 0.990, 1e-3))  # flattered by its split
+    study.add_trial(trial(1, 0.985, 2e-3))
+    study.add_trial(trial(2, 0.980, 3e-3))
+    assert best_trial(study).number == 0
+    study.set_user_attr(RESCORED, {"0": [0.990, 0.970, 0.972], "1": [0.985, 0.984, 0.986]})
+    assert best_trial(study).number == 1
+    # A seed that failed (nan) keeps a config from winning.
+    study.set_user_attr(RESCORED, {"0": [0.990, 0.988, 0.989], "1": [0.985, math.nan, 0.99]})
+    assert best_trial(study).number == 0
+
+
+def test_rescoring_trains_the_top_trials_on_more_seeds_and_the_best_mean_wins(
+    tmp_path: Path,
+) -> None:
+    def noisy(config: dict[str, Any], report: Any) -> dict[str, Any]:
+        # The true score peaks at lr = 1e-2; seed 0's split flatters lr = 3e-3 by 0.03.
+        score = 1 - (math.log10(config["lr"]) + 2) ** 2 / 10
+        if config["seed"] == 0 and abs(math.log10(config["lr"] / 3e-3)) < 0.05:
+            score += 0.03
+        report(1, {"accuracy": score})
+        return {"accuracy": score}
+
+    study = tuner.load(
+        {"stages": ["lr"], "budget": {"trials": {"lr": 6}},
+         "storage": f"sqlite:///{tmp_path}/r.db", "loop": {"stagnation": False, "widen": False},
+         "search_spaces": {"lr": {"schedule": None, "warmup": None}},
+         "defaults": {"lr": 3e-3, "epochs": 1, "seed": 0}},
+        objective=noisy,
+    )  # fmt: skip
+    lines: list[str] = []
+    tuner.run(study, check=False, progress=lines.append)
+    found = optuna.load_study(study_name="study/lr", storage=study.storage)
+    scored = found.user_attrs[RESCORED]
+    assert len(scored) == 3 and all(len(v) == 3 for v in scored.values())  # top 3, 2 more seeds
+    best = best_trial(found)
+    by_value = max(found.trials, key=lambda t: t.value or -1)
+    assert by_value.number == 0  # the flattered incumbent has the best single value ...
+    assert best.number != 0  # ... and loses on the mean over seeds
+    assert any("rescored the top 3 on 2 more seeds" in line for line in lines)
+    assert len(tuner.status(study)[0].best_seeds) == 3  # status shows the spread
+
+
+# --- stagnation --------------------------------------------------------------------------------
+
+
+def test_a_stage_stagnates_after_n_trials_without_a_new_best() -> None:
+    plan = lr_plan(loop={"widen": True, "rescore": False, "stagnation": 3})
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(trial(0, 0.9, 1e-3))
+    for i in range(1, 4):
+        study.add_trial(trial(i, 0.8, 1e-3))
+        assert not closed_loop.stagnated(plan, study), i  # 3 without a new best: not yet more
+    study.add_trial(trial(4, 0.8, 1e-3))
+    assert closed_loop.stagnated(plan, study)
+    # A widening restarts the count: the stage has new ground to cover.
+    study.set_user_attr(closed_loop.WIDENED, [{"from_trial": 5}])
+    assert not closed_loop.stagnated(plan, study)
+    off = lr_plan(loop={"widen": True, "rescore": False, "stagnation": False})
+    study.set_user_attr(closed_loop.WIDENED, [])
+    assert not closed_loop.stagnated(off, study)
+
+
+def test_the_loop_switches_are_checked(tmp_path: Path) -> None:
+    base = {"stages": ["lr"], "defaults": {"lr": 1e-3, "epochs": 1}}
+    assert tuner.load({**base, "loop": {"widen": False}}).loop["widen"] is False
+    assert tuner.load({**base, "loop": {"rescore": {"top": 2}}}).loop["rescore"] == {
+        "top": 2, "seeds": 2}  # fmt: skip
+    for loop, message in [
+        ({"widen": "yes"}, "loop.widen must be true or false"),
+        ({"rescore": {"top": 0}}, "loop.rescore.top must be a whole number of at least 1"),
+        ({"stagnation": -1}, "loop.stagnation must be a whole number of at least 1"),
+        ({"widn": True}, "unknown key 'widn' (did you mean widen?)"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            tuner.load({**base, "loop": loop})
+
+
+# --- the stage goes on ---------------------------------------------------------------------------
+
+
+def test_a_stage_whose_best_sits_at_an_edge_widens_it_and_finds_what_lay_beyond(
+    tmp_path: Path,
+) -> None:
+    def beyond(config: dict[str, Any], report: Any) -> dict[str, Any]:
+        score = 1 - (math.log10(config["lr"]) + 1) ** 2 / 10  # peaks at lr = 0.1, above 3e-2
+        report(1, {"accuracy": score})
+        return {"accuracy": score}
+
+    study = tuner.load(
+        {"stages": ["lr"], "budget": {"trials": {"lr": 6}},
+         "storage": f"sqlite:///{tmp_path}/w.db",
+         "loop": {"stagnation": False, "rescore": False},
+         "search_spaces": {"lr": {"schedule": None, "warmup": None}},
+         "defaults": {"lr": 2.9e-2, "epochs": 1, "seed": 0}},
+        objective=beyond,
+    )  # fmt: skip
+    lines: list[str] = []
+    tuner.run(study, check=False, progress=lines.append)
+    found = optuna.load_study(study_name="study/lr", storage=study.storage)
+    [first, *_] = found.user_attrs[closed_loop.WIDENED]
+    assert (first["key"], first["edge"]) == ("lr", "high")
+    assert any(line.strip().startswith("widened lr:") for line in lines)
+    assert len([t for t in found.trials if t.state == TrialState.COMPLETE]) > 6  # it went on
+    assert best_trial(found).params["lr"] > 3e-2  # beyond the old edge
+    row = tuner.status(study)[0]
+    assert row.widened and row.widened[0].startswith("widened lr:")

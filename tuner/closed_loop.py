@@ -1,0 +1,289 @@
+"""The closed loop: what a stage does with what it found before the next stage fixes its values.
+
+Three rules, each a plain decision with its own study-file switch (``loop:`` in the study file,
+``tuner.config.LOOP_DEFAULTS``), and each recorded with the stage (user attrs, note, status):
+
+- **widen** (the playbook: check the boundaries, then extend): a best value at a non-natural
+  edge of a float range widens that range, and the stage goes on with more trials, the first
+  of them the best trial moved into the new part of the range;
+- **rescore** (choose through the noise): the stage's top trials are trained again on other
+  seeds (another split and initialization), and the stage's best is the best *mean*, so a
+  lucky validation split does not win; the spread is stored and shown;
+- **stagnation** (stop on a stated rule): a stage stops after N finished trials without a new
+  best, Optuna's ``Terminator`` with ``BestValueStagnationEvaluator``; the time it leaves
+  flows to the stages after it, the refinement stage last.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.terminator import BestValueStagnationEvaluator
+from optuna.trial import FrozenTrial, TrialState
+
+from search_spaces._space import Param
+from tuner import storage as storages
+from tuner.nested import merged
+from tuner.objective import Objective
+from tuner.plan import StagePlan
+from tuner.results import RESCORED, best_trial, ranked
+
+Print = Callable[[str], None]
+EDGE = 0.05  # a value within 5% of a range's width (in its scale) of an edge sits at it
+WIDEN_ROUNDS = 2  # at most this many widenings per stage
+EXTRA_TRIALS = 6  # trials a widening adds to its stage's budget
+WIDENED = "widened"  # study user attr: the widenings, in order
+
+
+# --- widen --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Widening:
+    """One range widened: which, at which edge, from what to what, and why."""
+
+    key: str
+    edge: str  # "low" or "high"
+    value: float  # the best value that sat at the edge
+    trial: int  # its trial
+    before: tuple[float, float]
+    after: tuple[float, float]
+    around: float | None = None  # a range around the incumbent: its new factor
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "edge": self.edge, "value": self.value, "trial": self.trial,
+                "before": list(self.before), "after": list(self.after), "around": self.around,
+                "extra_trials": EXTRA_TRIALS}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Widening:
+        return cls(
+            str(data["key"]), str(data["edge"]), float(data["value"]), int(data["trial"]),
+            (float(data["before"][0]), float(data["before"][1])),
+            (float(data["after"][0]), float(data["after"][1])),
+            None if data.get("around") is None else float(data["around"]),
+        )  # fmt: skip
+
+    def line(self) -> str:
+        lo, hi = self.after
+        return (
+            f"widened {self.key}: the best value {self.value:.4g} (trial #{self.trial}) sat at"
+            f" the {self.edge} edge of {self.before[0]:.4g} … {self.before[1]:.4g}; now"
+            f" {lo:.4g} … {hi:.4g}, {EXTRA_TRIALS} more trials"
+        )
+
+
+def edges(plan: StagePlan, best: FrozenTrial) -> list[Widening]:
+    """The float ranges whose best value sits at an edge that is not natural.
+
+    An edge is natural where the study file says so (``natural: [low]``) or where a linear
+    range starts at 0 (no dropout, no warm-up): a best value there is an answer, not a limit.
+    """
+    found = []
+    config = best.user_attrs.get("config") or {}
+    for param in plan.space.params:
+        if param.choices is not None or param.integer or not param.active(config):
+            continue
+        name = param.name(config)
+        dist, value = best.distributions.get(name), best.params.get(name)
+        if not isinstance(dist, FloatDistribution) or not isinstance(value, (int, float)):
+            continue
+        where = _position(dist, float(value))
+        for edge, at in (("low", where <= EDGE), ("high", where >= 1 - EDGE)):
+            if at and not _natural(param, dist, edge):
+                found.append(_widen(param, dist, edge, float(value), best.number))
+    return found
+
+
+def _position(dist: FloatDistribution, value: float) -> float:
+    if dist.high <= dist.low:
+        return 0.5
+    if dist.log:
+        return (math.log(value) - math.log(dist.low)) / (math.log(dist.high) - math.log(dist.low))
+    return (value - dist.low) / (dist.high - dist.low)
+
+
+def _natural(param: Param, dist: FloatDistribution, edge: str) -> bool:
+    return edge in param.natural or (edge == "low" and not dist.log and dist.low == 0.0)
+
+
+def _widen(param: Param, dist: FloatDistribution, edge: str, value: float, trial: int) -> Widening:
+    """Half the range again beyond the edge (in its scale); a range around the incumbent
+    grows its factor to factor**1.5 (10 -> 32), both ways."""
+    low, high = dist.low, dist.high
+    if param.around is not None:
+        around = param.around**1.5
+        center = math.sqrt(low * high)
+        return Widening(param.key, edge, value, trial, (low, high),
+                        (center / around, center * around), around)  # fmt: skip
+    if dist.log:
+        factor = math.sqrt(high / low)
+        after = (low / factor, high) if edge == "low" else (low, high * factor)
+    else:
+        half = (high - low) / 2
+        after = (max(low - half, 0.0) if low >= 0 else low - half, high) if edge == "low" else (
+            low, high + half)  # fmt: skip
+    return Widening(param.key, edge, value, trial, (low, high), after)
+
+
+def widened(plan: StagePlan, records: Sequence[Mapping[str, Any]]) -> StagePlan:
+    """The plan with the stage's recorded widenings applied (the last one of a key wins)."""
+    last = {str(r["key"]): Widening.from_dict(r) for r in records}
+    if not last:
+        return plan
+    params = []
+    for param in plan.space.params:
+        w = last.get(param.key)
+        if w is None:
+            params.append(param)
+        elif w.around is not None:
+            params.append(replace(param, around=w.around))
+        else:
+            params.append(replace(param, low=w.after[0], high=w.after[1]))
+    return replace(plan, space=replace(plan.space, params=tuple(params)))
+
+
+def moved(best: FrozenTrial, plan: StagePlan, w: Widening) -> dict[str, Any]:
+    """The best trial's params with the widened one moved halfway into the new part of its
+    range (in its scale): the first trial after a widening looks where the edge hid."""
+    config = best.user_attrs.get("config") or {}
+    params = dict(best.params)
+    spec = next(p for p in plan.space.params if p.key == w.key)
+    edge = w.before[0] if w.edge == "low" else w.before[1]
+    far = w.after[0] if w.edge == "low" else w.after[1]
+    log = (spec.log or spec.around is not None) and edge > 0 and far > 0
+    value = math.sqrt(edge * far) if log else (edge + far) / 2
+    for param in plan.space.params:
+        if param.key == w.key and param.active(config):
+            params[param.name(config)] = value
+    return params
+
+
+def record_widenings(study: optuna.Study, found: Sequence[Widening]) -> list[dict[str, Any]]:
+    """Add widenings to the stage's record; the stop rule counts trials from here on."""
+    n = len(study.get_trials(deepcopy=False))
+    records = [
+        *study.user_attrs.get(WIDENED, []),
+        *({**w.as_dict(), "from_trial": n} for w in found),
+    ]
+    storages.set_study_user_attrs(study, {WIDENED: records})
+    return records
+
+
+def extra_trials(study: optuna.Study | None) -> int:
+    """Trials the stage's widenings added to its budget."""
+    if study is None:
+        return 0
+    return sum(int(r.get("extra_trials", EXTRA_TRIALS)) for r in study.user_attrs.get(WIDENED, []))
+
+
+def mean_trial_seconds(study: optuna.Study) -> float | None:
+    """How long a finished trial of the stage took, on average."""
+    took = [
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        if t.datetime_start is not None and t.datetime_complete is not None
+    ]
+    return statistics.fmean(took) if took else None
+
+
+# --- rescore ------------------------------------------------------------------------------------
+
+
+def rescore(
+    study: optuna.Study,
+    plan: StagePlan,
+    fn: Objective,
+    top: int,
+    seeds: int,
+    *,
+    deadline: float | None,
+    out: Print,
+) -> None:
+    """Train the stage's ``top`` trials again on ``seeds`` more seeds (seed+1, seed+2, ...),
+    each run recorded at once; stop where the next would end after ``deadline``."""
+    config0 = plan.incumbent
+    if not isinstance(config0.get("seed"), int) or isinstance(config0.get("seed"), bool):
+        return  # the objective has no integer seed to vary
+    scored: dict[str, list[float]] = {
+        k: list(v) for k, v in study.user_attrs.get(RESCORED, {}).items()
+    }
+    each = mean_trial_seconds(study) or 0.0
+    metric = plan.study.metric
+    candidates = ranked(study)[:top]
+    if len(candidates) < 2:
+        return
+    for trial in candidates:
+        values = scored.setdefault(str(trial.number), [float(trial.value)])  # type: ignore[arg-type]
+        config = trial.user_attrs["config"]
+        while len(values) < seeds + 1:
+            if deadline is not None and time.time() + each > deadline:
+                out(f"  rescoring stopped: out of the stage's time ({_summary(study, scored)})")
+                storages.set_study_user_attrs(study, {RESCORED: scored})
+                return
+            seed = int(config["seed"]) + len(values)
+            try:
+                result = fn(merged(config, {"seed": seed}), lambda epoch, metrics: None)
+                value = float(result[metric])
+            except Exception as exc:  # a seed that fails counts as the worst value
+                out(f"  rescoring #{trial.number} on seed {seed} failed: {exc}")
+                value = math.nan
+            values.append(value)
+            storages.set_study_user_attrs(study, {RESCORED: scored})
+    out(f"  rescored the top {len(candidates)} on {seeds} more seeds: {_summary(study, scored)}")
+
+
+def _summary(study: optuna.Study, scored: Mapping[str, list[float]]) -> str:
+    parts = [f"#{k} {_spread_text(v)}" for k, v in scored.items()]
+    best = best_trial(study)
+    chosen = f"; best: #{best.number}" if best is not None else ""
+    return ", ".join(parts) + chosen
+
+
+def spread(values: Sequence[float]) -> tuple[float, float, int]:
+    """Mean, standard deviation (n-1) and count of a trial's values over seeds; a seed that
+    failed (nan) makes the mean nan: a config that fails on some seeds does not win."""
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 and math.isfinite(mean) else 0.0
+    return mean, std, len(values)
+
+
+def _spread_text(values: Sequence[float]) -> str:
+    mean, std, n = spread(values)
+    return f"{mean:.4f} ± {std:.4f} ({n} seeds)"
+
+
+# --- stagnation --------------------------------------------------------------------------------
+
+
+def stagnated(plan: StagePlan, study: optuna.Study) -> bool:
+    """The stop rule: no new best in the stage's last ``loop.stagnation`` COMPLETE trials
+    (Optuna's ``BestValueStagnationEvaluator``), with at least that many since its last
+    widening. Never for a grid stage (it tries every candidate) or where it is off."""
+    n = plan.study.loop.get("stagnation")
+    if not n or plan.space.grid:
+        return False
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    since = max((int(r.get("from_trial", 0)) for r in study.user_attrs.get(WIDENED, [])),
+                default=0)  # fmt: skip
+    if sum(1 for t in complete if t.number >= since) <= int(n):
+        return False
+    left = BestValueStagnationEvaluator(max_stagnation_trials=int(n)).evaluate(
+        list(complete), study.direction
+    )
+    return left < 0
+
+
+def stop_text(plan: StagePlan) -> str:
+    n = plan.study.loop.get("stagnation")
+    return (
+        f"stage {plan.stage} stopped: no new best in its last {n} finished trials (the stop"
+        f" rule loop.stagnation={n}: Optuna's BestValueStagnationEvaluator)"
+    )
