@@ -161,8 +161,22 @@ def suggest(
 def params_of(
     space: SearchSpace, config: Mapping[str, Any], incumbent: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The Optuna params that reproduce a config in this space (to enqueue a trial)."""
-    return {p.name(config): _lookup(config, p.key) for p in space.params if p.active(config)}
+    """The Optuna params that reproduce a config in this space (to enqueue a trial).
+
+    A number outside its range is moved to the nearest edge (a weight decay of 0 on a log
+    range from 1e-5 becomes 1e-5): Optuna cannot hold it, and the trial would fail.
+    """
+    params = {}
+    for p in space.params:
+        if not p.active(config):
+            continue
+        value = _lookup(config, p.key)
+        if p.choices is None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            dist = p.distribution(config, incumbent if incumbent is not None else config)
+            low, high = dist.low, dist.high  # type: ignore[attr-defined]
+            value = type(value)(min(max(value, low), high))
+        params[p.name(config)] = value
+    return params
 
 
 def grid_points(space: SearchSpace, incumbent: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -164,6 +164,26 @@ def test_rescoring_trains_the_top_trials_on_more_seeds_and_the_best_mean_wins(
     assert len(tuner.status(study)[0].best_seeds) == 3  # status shows the spread
 
 
+def test_a_config_an_earlier_stage_rescored_is_not_trained_again() -> None:
+    earlier = optuna.create_study(direction="maximize")
+    earlier.add_trial(trial(0, 0.95, 1e-3))
+    earlier.set_user_attr(RESCORED, {"0": [0.95, 0.94, 0.96]})
+    now = optuna.create_study(direction="maximize")
+    now.add_trial(trial(0, 0.95, 1e-3))  # the incumbent: the earlier stage's best
+    now.add_trial(trial(1, 0.96, 2e-3))
+    trained: list[float] = []
+
+    def fn(config: dict[str, Any], report: Any) -> dict[str, Any]:
+        trained.append(config["lr"])
+        return {"accuracy": 0.9}
+
+    plan = lr_plan()
+    closed_loop.rescore(now, plan, fn, 2, 2, deadline=None, out=lambda line: None,
+                        earlier=[earlier])  # fmt: skip
+    assert trained == [2e-3, 2e-3]  # only the new config, on its two more seeds
+    assert now.user_attrs[RESCORED] == {"0": [0.95, 0.94, 0.96], "1": [0.96, 0.9, 0.9]}
+
+
 # --- stagnation --------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ Three rules, each a plain decision with its own study-file switch (``loop:`` in 
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -206,9 +207,13 @@ def rescore(
     *,
     deadline: float | None,
     out: Print,
+    earlier: Sequence[optuna.Study] = (),
 ) -> None:
     """Train the stage's ``top`` trials again on ``seeds`` more seeds (seed+1, seed+2, ...),
-    each run recorded at once; stop where the next would end after ``deadline``."""
+    each run recorded at once; stop where the next would end after ``deadline``.
+
+    A trial whose config an ``earlier`` stage re-scored already (the incumbent, mostly: the
+    best of the stage before) takes those values instead of training again."""
     config0 = plan.incumbent
     if not isinstance(config0.get("seed"), int) or isinstance(config0.get("seed"), bool):
         return  # the objective has no integer seed to vary
@@ -220,9 +225,13 @@ def rescore(
     candidates = ranked(study)[:top]
     if len(candidates) < 2:
         return
+    known = _known(earlier)
     for trial in candidates:
-        values = scored.setdefault(str(trial.number), [float(trial.value)])  # type: ignore[arg-type]
         config = trial.user_attrs["config"]
+        values = scored.setdefault(str(trial.number), [float(trial.value)])  # type: ignore[arg-type]
+        again = known.get(_fingerprint(config))
+        if len(values) == 1 and again is not None and again[0] == values[0]:
+            values[:] = again[: seeds + 1]  # the same config, the same seed-0 value: reused
         while len(values) < seeds + 1:
             if deadline is not None and time.time() + each > deadline:
                 out(f"  rescoring stopped: out of the stage's time ({_summary(study, scored)})")
@@ -238,6 +247,22 @@ def rescore(
             values.append(value)
             storages.set_study_user_attrs(study, {RESCORED: scored})
     out(f"  rescored the top {len(candidates)} on {seeds} more seeds: {_summary(study, scored)}")
+
+
+def _known(studies: Sequence[optuna.Study]) -> dict[str, list[float]]:
+    """Values over seeds of the configs earlier stages re-scored, by config."""
+    known: dict[str, list[float]] = {}
+    for study in studies:
+        scored = study.user_attrs.get(RESCORED) or {}
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            values = scored.get(str(t.number))
+            if values and len(values) > 1 and "config" in t.user_attrs:
+                known[_fingerprint(t.user_attrs["config"])] = list(values)
+    return known
+
+
+def _fingerprint(config: Mapping[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
 
 
 def _summary(study: optuna.Study, scored: Mapping[str, list[float]]) -> str:

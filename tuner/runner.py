@@ -24,7 +24,7 @@ from tuner.pool import Pool, set_threads
 from tuner.progress import StageProgress
 from tuner.results import SURPLUS, best_of
 from tuner.samplers import make_pruner, make_sampler
-from tuner.stage import Budget, start_stage, work
+from tuner.stage import OUT_OF_TIME, Budget, start_stage, work
 
 Print = Callable[[str], None]
 RESCORE_SHARE = 0.2  # of a stage's time, kept for re-scoring its top trials on more seeds
@@ -138,13 +138,15 @@ def _run(
         if study.loop["widen"] and not plan.space.grid:
             found, plan = _widen(runs, found, budget, trials_until, out)
         if rescore:
+            before = study.stages[: study.stages.index(name)]
+            earlier = [s for b in before if (s := storages.load(storage, study.stage_name(b)))]
             closed_loop.rescore(found, plan, fn, rescore["top"], rescore["seeds"],
-                                deadline=deadline, out=out)  # fmt: skip
+                                deadline=deadline, out=out, earlier=earlier)  # fmt: skip
         notes.write_stage_note(found, diagnostics.record(found, out))
         ended = str(found.user_attrs.get("ended") or "")
         if name != stages[-1] and best_of(storage, study)(name) is None:
             raise StageFailed(_nothing_finished(study, found))
-    if run_deadline is not None and time.time() >= run_deadline - 1.0:
+    if run_deadline is not None and (ended == OUT_OF_TIME or time.time() >= run_deadline - 1):
         return f"its timeout ({timeout:.0f} s) was spent"
     return ended or "every stage ran its budget of trials"
 

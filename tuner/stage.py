@@ -31,6 +31,7 @@ from tuner.trial import LIVE, Pace, make_objective, plain
 Print = Callable[[str], None]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 POLL_SECONDS = 1.0  # how often a worker with nothing to start looks for retried trials
+OUT_OF_TIME = "out of time: the next trial would end after the stage's deadline"
 FAILURE_STREAK = 5  # this many failed trials in a row stop a stage: the error is not bad luck
 
 
@@ -189,6 +190,8 @@ def work(
     states = storages.trial_states(study)  # one small query, not every trial read whole
     while not progress.failing:
         if pace.too_late(deadline):
+            if worker == 0:
+                storages.set_study_user_attrs(study, {"ended": OUT_OF_TIME})
             break
         live = sorted(number for number, state in states.items() if state in LIVE)
         waiting = any(states[number] == TrialState.WAITING for number in live[: budget.trials])
