@@ -35,7 +35,9 @@ commands:
 
 keys (any command): study=NAME|FILE (default {DEFAULT_STUDY}), storage=URL
 run:    stage=NAME trials=N timeout=SECONDS restart=true workers=N threads=N heartbeat=SECONDS,
-        check=false (skip the pre-flight checks), and any config key
+        check=false (skip the pre-flight checks), deterministic=true (no time race: a sample
+        budget), devices=0,1 (a GPU per worker; default: every visible one), start=FILE|STUDY
+        (warm start from an exported config or another study's best), and any config key
         of the study (lr=1e-3, batch_size=64, model.width=64, epochs=20, seed=1, ...)
 export: out=FILE stage=NAME
 train:  config=FILE out=FOLDER threads=N repeats=N (seeds seed..seed+N-1: mean ± std),
@@ -66,6 +68,9 @@ OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "threads": int,
         "heartbeat": (float, int),
         "check": bool,
+        "deterministic": bool,
+        "devices": str,
+        "start": str,
     },
     "check": {"threads": int},
     "status": {},
@@ -113,19 +118,29 @@ def _resolve(command: str, rest: list[str]) -> Overrides:
 
 
 def _run(rest: list[str]) -> int:
-    from tuner import runner, status  # torch and optuna load here, not for --help
+    from tuner import devices, race, runner, status, warmstart  # optuna loads here, not for --help
 
     resolved = _resolve("run", rest)
     opts, study = resolved.options, resolved.study
-    workers = int(opts.get("workers", 1))
-    if workers < 1:
-        raise UserError(f"workers={workers}: workers must be at least 1.")
+    if opts.get("workers") is not None and int(opts["workers"]) < 1:
+        raise UserError(f"workers={opts['workers']}: workers must be at least 1.")
+    study = race.apply(study, opts.get("deterministic"))
+    asked = opts.get("workers", 1 if study.deterministic else None)
+    assignment = devices.resolve(
+        opts.get("devices"), asked, str(study.config.get("device", "auto"))
+    )
+    workers = len(assignment)
+    race.check_deterministic(study, workers=workers, timeout=opts.get("timeout"))
+    study = warmstart.apply(study, opts.get("start"))
     heartbeat = float(opts.get("heartbeat", storages.HEARTBEAT_SECONDS))
     if heartbeat <= 0:
         raise UserError(f"heartbeat={heartbeat:g}: heartbeat must be a number of seconds above 0.")
     threads = int(opts.get("threads", DEFAULT_THREADS))
     if threads < 1:
         raise UserError(f"threads={threads}: threads must be at least 1.")
+    for line in (race.describe(study), warmstart.describe(study)):
+        if line:
+            _print(line)
     runner.run(
         study,
         stage=opts.get("stage"),
@@ -136,6 +151,7 @@ def _run(rest: list[str]) -> int:
         threads=threads,  # set there: torch loads after the worker processes start
         heartbeat=heartbeat,
         check=bool(opts.get("check", True)),
+        devices=assignment,
         out=_print,
     )
     print()

@@ -27,7 +27,7 @@ PRUNERS = ("median", "hyperband", "successive_halving", "none")
 
 _TOP_KEYS = {
     "name", "objective", "metric", "direction", "storage", "stages", "budget", "sampler",
-    "pruner", "search_spaces", "defaults",
+    "pruner", "search_spaces", "defaults", "deterministic",
 }  # fmt: skip
 # Study-level keys a ``key=value`` override may set (besides the trial config's keys).
 _STUDY_OVERRIDES = ("storage", "metric", "direction", "objective")
@@ -98,11 +98,15 @@ class StudyConfig:
     spaces: dict[str, dict[str, Any]]  # the study's changes to search_spaces/<stage>.yaml
     defaults: dict[str, Any]  # the trial config the objective reads
     overrides: dict[str, Any] = field(default_factory=dict)  # config keys set by hand
+    deterministic: bool = False  # no time race: the batch-size stage trains ``samples``
+    samples: int | None = None  # budget.samples: samples of training per race candidate
+    start: dict[str, Any] = field(default_factory=dict)  # warm start: flat key -> value
+    start_origin: dict[str, str] = field(default_factory=dict)  # flat key -> where it is from
 
     @property
     def config(self) -> dict[str, Any]:
         """The trial config before any stage: defaults with the overrides set by hand."""
-        return merged(self.defaults, self.overrides, self._objective_keys())
+        return merged(self.defaults, self.start, self.overrides, self._objective_keys())
 
     def _objective_keys(self) -> dict[str, Any]:
         # The built-in objectives read the metric they early-stop on from the config.
@@ -127,12 +131,21 @@ class StudyConfig:
             "metric": self.metric,
             "direction": self.direction,
             "stages": list(self.stages),
-            "budget": {"trials": self.trials, "timeout": self.timeout, "share": self.share},
+            "budget": {
+                "trials": self.trials,
+                "timeout": self.timeout,
+                "share": self.share,
+                "samples": self.samples,
+            },
+            "deterministic": self.deterministic,
             "sampler": self.sampler,
             "pruner": self.pruner,
             "search_spaces": self.spaces,
             "defaults": self.defaults,
             "overrides": self.overrides,
+            "start": {
+                key: [value, self.start_origin.get(key)] for key, value in self.start.items()
+            },
         }
 
 
@@ -174,7 +187,11 @@ def load_study(name: str = DEFAULT_STUDY) -> StudyConfig:
                 f" stages are {', '.join(KNOWN_STAGES)}."
             )
     budget = data.get("budget") or {}
-    _reject_unknown(budget, {"trials", "timeout", "share"}, f"{src}: budget")
+    _reject_unknown(budget, {"trials", "timeout", "share", "samples"}, f"{src}: budget")
+    deterministic = data.get("deterministic", False)
+    if not isinstance(deterministic, bool):
+        raise UserError(f"{src}: deterministic must be true or false, got {deterministic!r}.")
+    samples = budget.get("samples")
     trials = budget.get("trials", {})
     share = budget.get("share", {})
     study = StudyConfig(
@@ -192,6 +209,8 @@ def load_study(name: str = DEFAULT_STUDY) -> StudyConfig:
         pruner=dict(data.get("pruner") or {"name": "median"}),
         spaces=dict(data.get("search_spaces") or {}),
         defaults=defaults,
+        deterministic=deterministic,
+        samples=None if samples is None else _positive_int(samples, "budget.samples", src),
     )
     check(study)
     return study

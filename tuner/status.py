@@ -8,7 +8,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from tuner import diagnostics
+from tuner import devices, diagnostics, race
 from tuner import storage as storages
 from tuner.config import StudyConfig
 from tuner.errors import StageRefused, UserError
@@ -34,6 +34,8 @@ class StageStatus:
     lineage: dict[str, Source] = field(default_factory=dict)
     stale: list[str] = field(default_factory=list)
     diagnostics: list[str] = field(default_factory=list)
+    devices: str = ""  # how many trials each device ran (tuner.devices), where a run set them
+    race: dict[int, dict[str, Any]] = field(default_factory=dict)  # a time race's measurements
 
 
 def collect(study: StudyConfig) -> list[StageStatus]:
@@ -72,6 +74,8 @@ def _fill(row: StageStatus, found: optuna.Study) -> None:
     row.fixed = dict(found.user_attrs.get("fixed", {}))
     row.lineage = {k: Source.from_dict(v) for k, v in found.user_attrs.get("lineage", {}).items()}
     row.diagnostics = diagnostics.diagnose(found)  # computed afresh: running stages too
+    row.devices = devices.summary(found.get_trials(deepcopy=False))
+    row.race = race.measured(found.user_attrs)
 
 
 def render(study: StudyConfig, rows: list[StageStatus]) -> str:
@@ -114,6 +118,14 @@ def _details(study: StudyConfig, r: StageStatus) -> list[str]:
     )
     lines = [f"{r.stage}: best {params}", f"{' ' * len(r.stage)}  fixed {fixed}"]
     lines += [f"{' ' * len(r.stage)}  ! {line}" for line in r.diagnostics]
+    if r.race:
+        raced = ", ".join(
+            f"{size}: {m.get('samples_per_s', 0):.0f}/s -> {m.get('samples')}"
+            for size, m in r.race.items()
+        )
+        lines.append(f"{' ' * len(r.stage)}  race (samples/s -> samples, reused): {raced}")
+    if r.devices:
+        lines.append(f"{' ' * len(r.stage)}  ran on {r.devices}")
     if r.running:
         lines.append(f"{' ' * len(r.stage)}  {r.running} trial(s) running now")
     if r.stale:
