@@ -94,6 +94,12 @@ def test_start_study_begins_from_another_studys_best_in_the_same_storage(tiny: T
     lineage = optuna.load_study(study_name="fromstudy/batch_size", storage=tiny.url).user_attrs
     origin = lineage["lineage"]["model.width"]["origin"]
     assert origin == f"study tiny (tiny/architecture#{best.number})"
+    # The start holds for later runs of the study, without start= again.
+    later = ["run", f"study={study}", f"storage={tiny.url}", "stage=lr", "trials=2"]
+    assert in_folder(tiny, later) == 0
+    lr = optuna.load_study(study_name="fromstudy/lr", storage=tiny.url)
+    assert flatten(lr.trials[0].user_attrs["config"])["model.width"] == config["model.width"]
+    assert lr.user_attrs["lineage"]["model.width"]["origin"] == origin
 
 
 def test_a_value_set_by_hand_wins_over_the_start(tiny: Tiny) -> None:

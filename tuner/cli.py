@@ -130,7 +130,9 @@ def _run(rest: list[str]) -> int:
         opts.get("devices"), asked, str(study.config.get("device", "auto"))
     )
     workers = len(assignment)
-    race.check_deterministic(study, workers=workers, timeout=opts.get("timeout"))
+    race.check_deterministic(
+        study, workers=workers, timeout=opts.get("timeout"), stage=opts.get("stage")
+    )
     study = warmstart.apply(study, opts.get("start"))
     heartbeat = float(opts.get("heartbeat", storages.HEARTBEAT_SECONDS))
     if heartbeat <= 0:

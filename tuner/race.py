@@ -39,9 +39,11 @@ def deterministic_settings(study: StudyConfig, settings: Mapping[str, Any]) -> d
     return out
 
 
-def check_deterministic(study: StudyConfig, *, workers: int, timeout: float | None) -> None:
+def check_deterministic(
+    study: StudyConfig, *, workers: int, timeout: float | None, stage: str | None = None
+) -> None:
     """A deterministic run's settings hold: one worker, no time limit, a sample budget where a
-    stage races. Raises UserError with one line naming the key and the fix."""
+    stage that runs (``stage``, or all) races. Raises UserError: one line, the key, the fix."""
     if not study.deterministic:
         return
     if workers != 1:
@@ -56,7 +58,8 @@ def check_deterministic(study: StudyConfig, *, workers: int, timeout: float | No
         )
     from tuner.plan import load_space  # not at import: plan imports this module
 
-    racing = [s for s in study.stages if load_space(study, s).settings.get(TIME_KEY) is not None]
+    stages = [stage] if stage in study.stages else study.stages
+    racing = [s for s in stages if load_space(study, s).settings.get(TIME_KEY) is not None]
     if racing and study.samples is None:
         raise UserError(
             f"deterministic=true: stage {racing[0]} races batch sizes for time, and a"

@@ -30,9 +30,10 @@ _LABEL = re.compile(r"^(?P<stage>[A-Za-z_]\w*)#(?P<trial>\d+)$")  # plan.Source.
 
 
 def apply(study: StudyConfig, start: str | None) -> StudyConfig:
-    """The study with ``start``'s values as its incumbent (None: the study as it is)."""
+    """The study with ``start``'s values as its incumbent (None: the start an earlier run of
+    it recorded, if any: a warm start holds for every later run of the study)."""
     if start is None:
-        return study
+        return kept(study)
     config, origins = load(study, start)
     skip = _stage_keys(study)
     flat = {k: v for k, v in flatten(config).items() if k not in skip}
@@ -46,6 +47,25 @@ def apply(study: StudyConfig, start: str | None) -> StudyConfig:
             )
     values = {k: v for k, v in flat.items() if k in origins}
     return replace(study, start=values, start_origin={k: origins[k] for k in values})
+
+
+def kept(study: StudyConfig) -> StudyConfig:
+    """The study with the warm start its stages recorded when they ran (the first stage
+    found with one), so a later ``run stage=...`` starts from it too."""
+    storage = storages.open_existing(study.storage)
+    if storage is None:
+        return study
+    names = {s.study_name for s in storage.get_all_studies()}
+    for stage in study.stages:
+        if study.stage_name(stage) not in names:
+            continue
+        found = storages.load(storage, study.stage_name(stage))
+        stored = ((found.user_attrs if found else {}).get("study_config") or {}).get("start")
+        if stored:
+            values = {key: pair[0] for key, pair in stored.items()}
+            origins = {key: str(pair[1]) for key, pair in stored.items()}
+            return replace(study, start=values, start_origin=origins)
+    return study
 
 
 def load(study: StudyConfig, start: str) -> tuple[dict[str, Any], dict[str, str]]:
