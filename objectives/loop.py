@@ -46,9 +46,12 @@ def train(
     Training stops after ``patience`` epochs without a better validation metric, at
     ``epochs``, on divergence, or when memory runs out; the best epoch's weights are restored.
     With ``time_budget`` (seconds) the training step is timed first and the run trains for
-    budget x throughput samples, in whole steps, instead of ``epochs``. ``precision``
-    (``auto``, ``fp32``, ``bf16``, ``fp16``) picks autocast for the forward passes; ``auto``
-    is bf16 on a CUDA GPU that has it and fp32 elsewhere, so CPU runs stay plain float32.
+    budget x throughput samples, in whole steps, instead of ``epochs``; with ``train_samples``
+    it trains that many samples (in whole steps) and times nothing: tuner hands a time race's
+    measured budget back this way, and ``deterministic=true`` a budget the study gives.
+    ``precision`` (``auto``, ``fp32``, ``bf16``, ``fp16``) picks autocast for the forward
+    passes; ``auto`` is bf16 on a CUDA GPU that has it and fp32 elsewhere, so CPU runs stay
+    plain float32.
 
     Example:
         >>> import yaml
@@ -72,7 +75,8 @@ def train(
         The best epoch's validation metrics (``metrics.classification_metrics`` or
         ``metrics.regression_metrics``, in the target's units) and
         ``best_epoch``, ``epochs_run`` (evaluated epochs), ``stop_reason`` (``patience``,
-        ``max_epochs``, ``time_budget``, ``diverged`` or ``out_of_memory``), ``steps``,
+        ``max_epochs``, ``time_budget``, ``sample_budget``, ``diverged`` or ``out_of_memory``),
+        ``steps``, ``train_samples`` (with a time or sample budget: the samples it trains for),
         ``samples_per_s`` (over the training steps), ``train_seconds`` (training and per-epoch
         evaluation), ``peak_memory_mb``, ``num_params`` and ``model`` (best weights, on CPU).
         Metrics are missing when no epoch finished. All but ``model`` and ``test`` are plain
@@ -119,11 +123,14 @@ def _prepare(config: Mapping[str, Any], device: torch.device) -> _Run:
     outputs = outputs_of(config, data.num_classes)
     model = build_model(config["model"], data.input_shape, outputs).to(device)
     batch_size = min(int(config["batch_size"]), len(data.train.y))
-    probe = None
-    if config.get("time_budget") is not None:
+    probe, samples = None, config.get("train_samples")
+    if samples is None and config.get("time_budget") is not None:
         probe = _throughput(model, config, data.train, batch_size, precision)
+        samples = float(config["time_budget"]) * probe
     torch.manual_seed(seed)  # the same random state for training whether a probe ran or not
-    return _Run(model, data, config, batch_size, probe, _Mixed(precision, device))
+    run = _Run(model, data, config, batch_size, samples, _Mixed(precision, device))
+    run.probe = probe
+    return run
 
 
 def _fit(run: _Run, config: Mapping[str, Any], report: Report | None) -> tuple[_Best | None, str]:
@@ -132,7 +139,9 @@ def _fit(run: _Run, config: Mapping[str, Any], report: Report | None) -> tuple[_
     patience = config.get("patience")
     best: _Best | None = None
     start = time.perf_counter()
-    stop = "max_epochs" if run.probe is None else "time_budget"
+    stop = "max_epochs"
+    if run.budgeted:
+        stop = "time_budget" if config.get("time_budget") is not None else "sample_budget"
     while run.steps_done < run.total_steps:
         with _out_of_memory_guard():
             train_loss = run.train_epoch()
@@ -186,6 +195,8 @@ def _summarize(
     )
     if run.probe is not None:
         result["probe_samples_per_s"] = run.probe
+    if run.budgeted:
+        result["train_samples"] = run.total_steps * run.batch_size
     return result
 
 
@@ -198,16 +209,17 @@ class _Run:
         data: datasets.Data,
         config: Mapping[str, Any],
         batch_size: int,
-        probe: float | None,
+        samples: float | None,
         mixed: _Mixed,
     ) -> None:
-        self.model, self.data, self.batch_size, self.probe = model, data, batch_size, probe
-        self.mixed = mixed
+        self.model, self.data, self.batch_size = model, data, batch_size
+        self.mixed, self.budgeted = mixed, samples is not None
+        self.probe: float | None = None  # the measured throughput, where a time budget ran
         self.steps_per_epoch = len(data.train.y) // batch_size  # a partial last batch is dropped
-        if probe is None:
+        if samples is None:
             self.total_steps = int(config["epochs"]) * self.steps_per_epoch
         else:  # the budget becomes a step count, so that training itself stays deterministic
-            self.total_steps = max(1, round(float(config["time_budget"]) * probe / batch_size))
+            self.total_steps = max(1, round(float(samples) / batch_size))
         self.optimizer = build_optimizer(model.parameters(), config)
         self.schedule = build_schedule(self.optimizer, config, self.total_steps)
         self.loss_fn = build_loss(config)
@@ -457,7 +469,9 @@ def validate(config: Mapping[str, Any]) -> None:
     check_schedule(config)
     _monitored(config)
     choose("precision", config.get("precision", "auto"), dict.fromkeys(PRECISIONS))
-    for key in ("batch_size", "epochs"):  # with a time budget, epochs still caps the run
+    keys = ["batch_size", "epochs"]  # with a time or sample budget, epochs still caps the run
+    keys += ["train_samples"] if config.get("train_samples") is not None else []
+    for key in keys:
         if int(config[key]) < 1:
             raise ValueError(f"{key} must be at least 1 but got {config[key]!r}.")
     if "seed" in config and not 0 <= int(config["seed"]) < 2**32:

@@ -68,7 +68,7 @@ def _document(
             }
     ordered = {s: stages[s] for s in study.stages if s in stages}
     metrics = {k: trial_attrs[k] for k in _METRICS if k in trial_attrs}
-    return {
+    document = {
         "objective": study.objective,
         "metric": study.metric,
         "direction": study.direction,
@@ -87,6 +87,10 @@ def _document(
             "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         },
     }
+    start = (stage_attrs.get("study_config") or {}).get("start") or {}
+    if start:  # a warm start: where the values every stage started from came from
+        document["provenance"]["start"] = {key: pair[1] for key, pair in start.items()}
+    return document
 
 
 _METRICS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "roc_auc", "loss",

@@ -8,7 +8,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from tuner import closed_loop, diagnostics
+from tuner import closed_loop, devices, diagnostics, race
 from tuner import storage as storages
 from tuner.config import StudyConfig
 from tuner.errors import StageRefused, UserError
@@ -37,6 +37,8 @@ class StageStatus:
     best_seeds: list[float] = field(default_factory=list)  # the best's value on each seed
     widened: list[str] = field(default_factory=list)  # what the closed loop widened, and why
     ended: str | None = None  # the stop rule's line, where it ended the stage
+    devices: str = ""  # how many trials each device ran (tuner.devices), where a run set them
+    race: dict[int, dict[str, Any]] = field(default_factory=dict)  # a time race's measurements
 
 
 def collect(study: StudyConfig) -> list[StageStatus]:
@@ -81,6 +83,8 @@ def _fill(row: StageStatus, found: optuna.Study) -> None:
     row.fixed = dict(found.user_attrs.get("fixed", {}))
     row.lineage = {k: Source.from_dict(v) for k, v in found.user_attrs.get("lineage", {}).items()}
     row.diagnostics = diagnostics.diagnose(found)  # computed afresh: running stages too
+    row.devices = devices.summary(found.get_trials(deepcopy=False))
+    row.race = race.measured(found.user_attrs)
 
 
 def render(study: StudyConfig, rows: list[StageStatus]) -> str:
@@ -127,6 +131,14 @@ def _details(study: StudyConfig, r: StageStatus) -> list[str]:
     lines = [f"{r.stage}: best {params}", f"{' ' * len(r.stage)}  fixed {fixed}"]
     lines += [f"{' ' * len(r.stage)}  ! {line}" for line in r.diagnostics]
     lines += [f"{' ' * len(r.stage)}  {line}" for line in (*r.widened, r.ended) if line]
+    if r.race:
+        raced = ", ".join(
+            f"{size}: {m.get('samples_per_s', 0):.0f}/s -> {m.get('samples')}"
+            for size, m in r.race.items()
+        )
+        lines.append(f"{' ' * len(r.stage)}  race (samples/s -> samples, reused): {raced}")
+    if r.devices:
+        lines.append(f"{' ' * len(r.stage)}  ran on {r.devices}")
     if r.running:
         lines.append(f"{' ' * len(r.stage)}  {r.running} trial(s) running now")
     if r.stale:

@@ -106,10 +106,13 @@ def run(
     trials: int | None = None,
     timeout: float | None = None,
     restart: bool = False,
-    workers: int = 1,
+    workers: int | None = None,
     threads: int | None = None,
     heartbeat: float | None = None,
     check: bool = True,
+    deterministic: bool | None = None,
+    devices: str | None = None,
+    start: str | Path | None = None,
     progress: Progress = False,
 ) -> RunResult:
     """Tune: every stage in order, or one ``stage``; a re-run resumes where it stopped.
@@ -122,21 +125,40 @@ def run(
             default each stage's own budget).
         timeout: Seconds for the run, shared the same way (by default the study's).
         restart: Run a stage anew when the stages before it have changed since it ran.
-        workers: Processes, each running its share of every stage on the same storage.
+        workers: Processes, each running its share of every stage on the same storage (by
+            default one, or one per visible GPU).
         threads: torch threads per process (None: this one keeps torch's setting, workers
             take one each).
         heartbeat: Seconds between a running trial's heartbeats (10 by default); a trial
             silent for several is failed and retried.
         check: Run the pre-flight checks (seeds/003) first; a failure raises CheckFailed.
+        deterministic: Replace the batch-size stage's time race by the study's sample budget
+            (``budget.samples``), so that one seed gives the same trials on any machine (None:
+            the study file's ``deterministic``).
+        devices: GPUs for the worker processes, one each (``"0,1"``; ``"cpu"``: none); by
+            default every visible GPU.
+        start: A warm start: an exported config (``best.yaml``) or another study of the same
+            storage, whose tuned values every stage starts from.
         progress: False prints nothing, True prints a line per trial, a function receives
             each line.
     """
     from tuner import _status as status
-    from tuner import runner
+    from tuner import devices as gpus
+    from tuner import race, runner, warmstart
     from tuner import storage as storages
 
     heartbeat = storages.HEARTBEAT_SECONDS if heartbeat is None else heartbeat
     _check_run(study, stage, trials, timeout, workers, threads, heartbeat)
+    study = race.apply(study, deterministic)
+    asked = workers if workers is not None else (1 if study.deterministic else None)
+    assignment = gpus.resolve(devices, asked, str(study.config.get("device", "auto")))
+    workers = len(assignment)
+    race.check_deterministic(study, workers=workers, timeout=timeout, stage=stage)
+    study = warmstart.apply(study, None if start is None else str(start))
+    out = _printer(progress)
+    for line in (race.describe(study), warmstart.describe(study)):
+        if line:
+            out(line)
     spec = study.objective
     if workers > 1 and (why := not_importable(spec)) is not None:
         raise UserError(
@@ -155,7 +177,8 @@ def run(
             threads=threads,
             heartbeat=heartbeat,
             check=check,
-            out=_printer(progress),
+            devices=assignment,
+            out=out,
             draw=progress is True,
         )
         rows = status.collect(study)
@@ -284,7 +307,7 @@ def _check_run(
     stage: str | None,
     trials: int | None,
     timeout: float | None,
-    workers: int,
+    workers: int | None,
     threads: int | None,
     heartbeat: float,
 ) -> None:
@@ -297,7 +320,8 @@ def _check_run(
         _at_least("trials", trials, 1)
     if timeout is not None:
         _seconds("timeout", timeout)
-    _at_least("workers", workers, 1)
+    if workers is not None:
+        _at_least("workers", workers, 1)
     if threads is not None:
         _at_least("threads", threads, 1)
     _seconds("heartbeat", heartbeat)

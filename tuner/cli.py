@@ -34,7 +34,9 @@ commands:
 
 keys (any command): study=NAME|FILE (default {DEFAULT_STUDY}), storage=URL
 run:    stage=NAME trials=N timeout=SECONDS restart=true workers=N threads=N heartbeat=SECONDS,
-        check=false (skip the pre-flight checks), and any config key
+        check=false (skip the pre-flight checks), deterministic=true (no time race: a sample
+        budget), devices=0,1 (a GPU per worker; default: every visible one), start=FILE|STUDY
+        (warm start from an exported config or another study's best), and any config key
         of the study (lr=1e-3, batch_size=64, model.width=64, epochs=20, seed=1, ...)
 export: out=FILE stage=NAME
 train:  config=FILE out=FOLDER threads=N repeats=N (seeds seed..seed+N-1: mean ± std),
@@ -65,6 +67,9 @@ OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "threads": int,
         "heartbeat": (float, int),
         "check": bool,
+        "deterministic": bool,
+        "devices": str,
+        "start": str,
     },
     "check": {"threads": int},
     "status": {},
@@ -123,12 +128,16 @@ def _run(rest: list[str]) -> int:
         trials=opts.get("trials"),
         timeout=opts.get("timeout"),
         restart=bool(opts.get("restart", False)),
-        workers=opts.get("workers", 1),
+        workers=opts.get("workers"),
         threads=opts.get("threads", DEFAULT_THREADS),  # set after the worker processes start
         heartbeat=opts.get("heartbeat"),
         check=bool(opts.get("check", True)),
+        deterministic=opts.get("deterministic"),
+        devices=opts.get("devices"),
+        start=opts.get("start"),
         progress=_print,
     )
+    study = result.study
     print()
     print(f"run ended after {result.seconds:.0f} s: {result.ended}.")
     print(status.render(study, result.stages))

@@ -28,7 +28,7 @@ PRUNERS = ("median", "hyperband", "successive_halving", "none")
 
 _TOP_KEYS = {
     "name", "objective", "metric", "direction", "storage", "stages", "budget", "sampler",
-    "pruner", "search_spaces", "defaults", "loop",
+    "pruner", "search_spaces", "defaults", "loop", "deterministic",
 }  # fmt: skip
 # The closed loop's rules (tuner.refine), each a study-file switch: `loop: {widen: false}`.
 LOOP_DEFAULTS: dict[str, Any] = {
@@ -63,11 +63,15 @@ class StudyConfig:
     defaults: dict[str, Any]  # the trial config the objective reads
     overrides: dict[str, Any] = field(default_factory=dict)  # config keys set by hand
     loop: dict[str, Any] = field(default_factory=lambda: dict(LOOP_DEFAULTS))
+    deterministic: bool = False  # no time race: the batch-size stage trains ``samples``
+    samples: int | None = None  # budget.samples: samples of training per race candidate
+    start: dict[str, Any] = field(default_factory=dict)  # warm start: flat key -> value
+    start_origin: dict[str, str] = field(default_factory=dict)  # flat key -> where it is from
 
     @property
     def config(self) -> dict[str, Any]:
         """The trial config before any stage: defaults with the overrides set by hand."""
-        return merged(self.defaults, self.overrides, self._objective_keys())
+        return merged(self.defaults, self.start, self.overrides, self._objective_keys())
 
     def _objective_keys(self) -> dict[str, Any]:
         # The built-in objectives read the metric they early-stop on from the config.
@@ -92,13 +96,22 @@ class StudyConfig:
             "metric": self.metric,
             "direction": self.direction,
             "stages": list(self.stages),
-            "budget": {"trials": self.trials, "timeout": self.timeout, "share": self.share},
+            "budget": {
+                "trials": self.trials,
+                "timeout": self.timeout,
+                "share": self.share,
+                "samples": self.samples,
+            },
+            "deterministic": self.deterministic,
             "sampler": self.sampler,
             "pruner": self.pruner,
             "search_spaces": self.spaces,
             "loop": self.loop,
             "defaults": self.defaults,
             "overrides": self.overrides,
+            "start": {
+                key: [value, self.start_origin.get(key)] for key, value in self.start.items()
+            },
         }
 
 
@@ -144,7 +157,11 @@ def study_from(data: Any, src: str, default_name: str | None = None) -> StudyCon
                 f" stages are {', '.join(KNOWN_STAGES)}."
             )
     budget = data.get("budget") or {}
-    _reject_unknown(budget, {"trials", "timeout", "share"}, f"{src}: budget")
+    _reject_unknown(budget, {"trials", "timeout", "share", "samples"}, f"{src}: budget")
+    deterministic = data.get("deterministic", False)
+    if not isinstance(deterministic, bool):
+        raise UserError(f"{src}: deterministic must be true or false, got {deterministic!r}.")
+    samples = budget.get("samples")
     trials = budget.get("trials", {})
     share = budget.get("share", {})
     study = StudyConfig(
@@ -163,6 +180,8 @@ def study_from(data: Any, src: str, default_name: str | None = None) -> StudyCon
         spaces=dict(data.get("search_spaces") or {}),
         defaults=defaults,
         loop=_loop(data.get("loop"), src),
+        deterministic=deterministic,
+        samples=None if samples is None else _positive_int(samples, "budget.samples", src),
     )
     check(study)
     return study

@@ -134,7 +134,8 @@ def best_epoch(best: FrozenTrial) -> list[str]:
     """Where the best trial's best epoch falls among its epochs (not for a time budget)."""
     config: dict[str, Any] = best.user_attrs.get("config") or {}
     epoch, epochs = best.user_attrs.get("best_epoch"), config.get("epochs")
-    if config.get("time_budget") is not None or not isinstance(epoch, int):
+    budgeted = config.get("time_budget") is not None or config.get("train_samples") is not None
+    if budgeted or not isinstance(epoch, int):
         return []
     if not isinstance(epochs, int) or epochs < 2 or epoch < 1:
         return []

@@ -16,26 +16,31 @@ from search_spaces import SearchSpace, SearchSpaceError
 from tuner.config import DEFAULT_STUDY, StudyConfig
 from tuner.errors import StageRefused, UserError
 from tuner.nested import flatten, get_path, merged
+from tuner.race import deterministic_settings
 
 
 @dataclass(frozen=True)
 class Source:
-    """Where a fixed value came from: a stage's trial, or the user's hand."""
+    """Where a fixed value came from: a stage's trial, the user's hand, or a warm start."""
 
-    stage: str | None = None  # None: set by hand
+    stage: str | None = None  # None: set by hand (or, with an origin, a warm start)
     trial: int | None = None
     value: float | None = None
+    origin: str | None = None  # a warm start's value: its file or study, and trial
 
     @property
     def label(self) -> str:
+        if self.origin is not None:
+            return f"start {self.origin}"
         return "set by hand" if self.stage is None else f"{self.stage}#{self.trial}"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "trial": self.trial, "value": self.value}
+        data = {"stage": self.stage, "trial": self.trial, "value": self.value}
+        return data if self.origin is None else {**data, "origin": self.origin}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Source:
-        return cls(data.get("stage"), data.get("trial"), data.get("value"))
+        return cls(data.get("stage"), data.get("trial"), data.get("value"), data.get("origin"))
 
 
 @dataclass(frozen=True)
@@ -132,8 +137,11 @@ def plan_stage(study: StudyConfig, stage: str, best_of: BestOf) -> StagePlan:
     for key in hand & {*searched_by, *space.keys}:
         fixed[key] = get_path(study.config, key)
         lineage[key] = Source()
+    for key, origin in study.start_origin.items():  # a warm start's values, where not fixed
+        if key not in lineage and key not in hand:
+            lineage[key] = Source(origin=origin)
     space = space.without(hand)
-    incumbent = merged(study.config, fixed, space.settings)
+    incumbent = merged(study.config, fixed, deterministic_settings(study, space.settings))
     return StagePlan(study, stage, space, fixed, lineage, incumbent)
 
 

@@ -11,10 +11,12 @@ import contextlib
 import multiprocessing
 import sys
 import warnings
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 
 import optuna
 
+from tuner import devices as gpus
 from tuner import signals
 from tuner import storage as storages
 from tuner.errors import StageFailed, UserError
@@ -36,14 +38,21 @@ class Pool:
     of a run. They start with the run, so that their imports (torch, the objective: seconds)
     overlap with its planning and checks, and serve all its stages."""
 
-    def __init__(self, n: int, heartbeat: float, objective: str, threads: int = 1) -> None:
+    def __init__(
+        self,
+        n: int,
+        heartbeat: float,
+        objective: str,
+        threads: int = 1,
+        devices: Sequence[str | None] = (),  # each worker's CUDA_VISIBLE_DEVICES (tuner.devices)
+    ) -> None:
         context = multiprocessing.get_context("spawn")  # no forked torch or database state
         self.heartbeat = heartbeat
         self.pipes = [context.Pipe() for _ in range(n)]
         self.processes = [
             context.Process(
                 target=_worker_main,
-                args=(jobs, index, heartbeat, objective, threads),
+                args=(jobs, index, heartbeat, objective, threads, _nth(devices, index - 1)),
                 name=f"tuner-worker-{index}",
             )
             for index, (_, jobs) in enumerate(self.pipes, start=1)
@@ -96,11 +105,21 @@ def _warm_up() -> None:
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
+def _nth(devices: Sequence[str | None], i: int) -> str | None:
+    return devices[i] if i < len(devices) else None
+
+
 def _worker_main(
-    jobs: Connection, index: int, heartbeat: float, objective: str, threads: int
+    jobs: Connection,
+    index: int,
+    heartbeat: float,
+    objective: str,
+    threads: int,
+    device: str | None = None,
 ) -> None:
-    """A worker process: ``threads`` torch threads, the run's stages as they come, its own
-    storage connection."""
+    """A worker process: its GPU (``device``, set before torch loads), ``threads`` torch
+    threads, the run's stages as they come, its own storage connection."""
+    gpus.use(device)
     set_threads(threads)
     signals.install()
     optuna.logging.set_verbosity(optuna.logging.ERROR)

@@ -8,12 +8,13 @@ objective → storage; the workers of ``workers=N`` are a pool (tuner.pool) serv
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import optuna
 from optuna.trial import TrialState
 
 from tuner import closed_loop, diagnostics, notes, results
+from tuner import devices as gpus
 from tuner import storage as storages
 from tuner.config import DEFAULT_STUDY, StudyConfig
 from tuner.errors import StageFailed, UserError
@@ -63,6 +64,7 @@ def run(
     threads: int | None = None,
     heartbeat: float = storages.HEARTBEAT_SECONDS,
     check: bool = True,
+    devices: Sequence[str | None] = (),
     out: Print = print,
     draw: bool = True,
 ) -> str:
@@ -74,12 +76,15 @@ def run(
 
     With ``workers`` > 1, each stage runs in that many processes on the same storage, sharing
     the stage's budget; the next stage is planned when all are done. Each process trains with
-    ``threads`` torch threads (None: this one keeps torch's setting, the others take one).
+    ``threads`` torch threads (None: this one keeps torch's setting, the others take one);
+    ``devices`` holds each worker process's ``CUDA_VISIBLE_DEVICES`` (tuner.devices), this
+    process's first (set before torch loads here).
     """
     stages = (stage,) if stage else study.stages
     storage = storages.open_existing(study.storage, heartbeat=heartbeat)
     first = plan_stage(study, stages[0], best_of(storage, study))  # may refuse: nothing written
-    with Pool(workers - 1, heartbeat, study.objective, threads or 1) as helpers:
+    gpus.use(devices[0] if devices else None)
+    with Pool(workers - 1, heartbeat, study.objective, threads or 1, devices[1:]) as helpers:
         set_threads(threads)  # imports torch (2 s): the workers above start beside it
         return _run(
             study, stage, first, storage, helpers, trials, timeout, restart, check, out, draw

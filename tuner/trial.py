@@ -20,7 +20,7 @@ import optuna
 from optuna.trial import TrialState
 
 import search_spaces
-from tuner import artifacts, signals
+from tuner import artifacts, devices, race, signals
 from tuner import storage as storages
 from tuner.nested import merged
 from tuner.objective import Objective
@@ -154,8 +154,8 @@ class StageObjective:
             trial.set_user_attr("stop_reason", SURPLUS)
             raise Surplus(f"the stage's {budget} trials are taken by other workers")
         drawn = search_spaces.suggest(trial, plan.space, plan.incumbent)
-        config = merged(plan.incumbent, drawn)
-        storages.set_user_attrs(trial, {"config": config})
+        config = race.replay(trial.study, merged(plan.incumbent, drawn))
+        storages.set_user_attrs(trial, {"config": config, **devices.trial_attrs()})
         started = time.perf_counter()
         metric, maximize = plan.study.metric, plan.study.direction == "maximize"
         report = TrialReport(trial, metric, self.deadline, maximize, self.pace)
@@ -164,6 +164,7 @@ class StageObjective:
                 result = self.fn(config, report)
             except OutOfTime as stop:
                 result = report.result(stop.epoch)
+            race.record(trial, config, result)  # a time race's measurement, for a replay
             report.flush()  # the trial's whole curve, before its result
             value = score(trial, result, metric, time.perf_counter() - started)
             model = result.get("model")
