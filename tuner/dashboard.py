@@ -50,6 +50,15 @@ def url(host: str, port: int) -> str:
     return f"http://{shown}:{port}/dashboard"
 
 
+def check_host(host: str) -> None:
+    """An address to bind: an empty one would bind every address, as 0.0.0.0 does."""
+    if not host.strip():
+        raise UserError(
+            f"host={host}: an empty host listens on every address (0.0.0.0), and the dashboard"
+            " has no authentication; leave host= out for 127.0.0.1, or name the address."
+        )
+
+
 def check_port(port: int) -> None:
     """A port a server can listen on (0 picks a free one)."""
     if not 0 <= port <= 65535:
@@ -60,6 +69,7 @@ def make(
     study: StudyConfig, host: str = "127.0.0.1", port: int = 8080, artifacts: str | None = None
 ) -> WSGIServer:
     """A dashboard server on the study's storage, bound and ready to ``serve_forever``."""
+    check_host(host)
     check_port(port)
     if not storages.exists(study.storage):
         raise UserError(
