@@ -69,3 +69,28 @@ def test_an_empty_dashboard_host_is_refused(
     assert main(["dashboard", "study=digits_mlp", f"storage={url}", "host="]) == 2
     one_line(capsys, "host=: an empty host listens on every address (0.0.0.0)")
     assert not (tmp_path / "none.db").exists()
+
+
+# --- a file that is no study file: its lines are not quoted -----------------------------
+
+SHADOW = "root:$6$s3cretSalt$hashhashhash:20228:0:99999:7:::\ndaemon:*:20228:0:99999:7:::\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (SHADOW, "not a study file (it has none of the keys budget, defaults,"),
+        ("token: s3cret-api-token\n", "not a study file"),
+        (f"name: x\n{SHADOW}", "a key that is not a name; the keys are budget, defaults,"),
+    ],
+    ids=["shadow", "other yaml", "a study key and a foreign line"],
+)
+def test_a_file_that_is_no_study_file_is_not_quoted(
+    text: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "shadow"
+    path.write_text(text)
+    assert main(["check", f"study={path}"]) == 2
+    err = one_line(capsys, f"tuner: {path}: ", message)
+    assert "s3cret" not in err and "20228" not in err
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -160,6 +161,10 @@ def load_study(name: str = DEFAULT_STUDY) -> StudyConfig:
     src = str(path)
     if not isinstance(data, dict):
         raise UserError(f"{src}: a study file is a mapping of keys, got {type(data).__name__}.")
+    if not set(data) & _TOP_KEYS:  # a file that is no study file: quote none of it
+        raise UserError(
+            f"{src}: not a study file (it has none of the keys {', '.join(sorted(_TOP_KEYS))})."
+        )
     _reject_unknown(data, _TOP_KEYS, src)
     defaults = data.get("defaults")
     if not isinstance(defaults, dict) or not defaults:
@@ -323,7 +328,14 @@ def _did_you_mean(key: str, known: Iterable[str]) -> str:
 def _reject_unknown(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
     for key in data:
         if key not in allowed:
+            if not isinstance(key, str) or not _NAME.fullmatch(key):
+                # Not a key someone typed (a line of some other file, say): not quoted.
+                raise UserError(f"{where}: a key that is not a name; the keys are"
+                                f" {', '.join(sorted(allowed))}.")  # fmt: skip
             raise UserError(f"{where}: unknown key '{key}'{_did_you_mean(str(key), allowed)}.")
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 
 
 def _positive_int(value: Any, key: str, src: str) -> int:
