@@ -11,6 +11,7 @@ import optuna
 import pytest
 
 import search_spaces
+from tuner import storage as storages
 from tuner import yamlio
 from tuner.cli import main
 from tuner.config import STUDIES_DIR, load_study
@@ -94,3 +95,37 @@ def test_a_file_that_is_no_study_file_is_not_quoted(
     err = one_line(capsys, f"tuner: {path}: ", message)
     assert "s3cret" not in err and "20228" not in err
 
+
+
+# --- storage URLs: every password masked; the URL from the environment -------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("postgresql://bob@db/x?password=s3cret", "postgresql://bob@db/x?password=***"),
+        ("postgresql://db/x?sslmode=require&PASSWORD=s3cret&user=bob",
+         "postgresql://db/x?sslmode=require&PASSWORD=***&user=bob"),
+        ("postgresql://bob:s3 cret@db:5432/x", "postgresql://bob:***@db:5432/x"),
+        ("Cannot open storage postgresql://bob:s3 cret@db/x: refused",
+         "Cannot open storage postgresql://bob:***@db/x: refused"),
+        ("postgresql://bob:s3@cret@db/x", "postgresql://bob:***@db/x"),
+    ],
+)  # fmt: skip
+def test_every_form_of_password_is_masked(url: str, masked: str) -> None:
+    assert storages.mask(url) == masked
+
+
+def test_the_storage_url_comes_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    env, given = f"sqlite:///{tmp_path}/env.db", f"sqlite:///{tmp_path}/given.db"
+    monkeypatch.setenv("TUNER_STORAGE", env)
+    assert load_study("digits_mlp").storage == env  # over the study file's
+    assert main(["status", "study=digits_mlp"]) == 2
+    one_line(capsys, f"No storage at {env}:")
+    assert main(["status", "study=digits_mlp", f"storage={given}"]) == 2
+    one_line(capsys, f"No storage at {given}:")  # storage= wins over the environment
+    monkeypatch.setenv("TUNER_STORAGE", "")
+    assert load_study("digits_mlp").storage == "sqlite:///tuner.db"  # empty: the file's

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,9 @@ from typing import Any
 from tuner import yamlio
 from tuner.errors import UserError
 
+# The storage URL, over the study file's (storage= wins over both): a URL with a password
+# in it stays out of `ps` and the shell's history.
+STORAGE_ENV = "TUNER_STORAGE"
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 DEFAULT_STUDY = "mnist1d_cnn"
 KNOWN_STAGES = ("batch_size", "lr", "optimizer", "architecture")
@@ -188,7 +192,7 @@ def load_study(name: str = DEFAULT_STUDY) -> StudyConfig:
         objective=str(data.get("objective", "objectives:train")),
         metric=str(data.get("metric", "accuracy")),
         direction=str(data.get("direction", "maximize")),
-        storage=str(data.get("storage", "sqlite:///tuner.db")),
+        storage=str(os.environ.get(STORAGE_ENV) or data.get("storage", "sqlite:///tuner.db")),
         stages=tuple(stages),
         trials={s: _positive_int(trials.get(s, 10), f"budget.trials.{s}", src) for s in stages},
         timeout=_optional_seconds(budget.get("timeout"), "budget.timeout", src),
