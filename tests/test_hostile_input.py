@@ -9,6 +9,7 @@ from typing import Any
 
 import optuna
 import pytest
+from optuna.distributions import CategoricalDistribution
 
 import search_spaces
 from tuner import storage as storages
@@ -16,13 +17,14 @@ from tuner import yamlio
 from tuner.cli import main
 from tuner.config import STUDIES_DIR, load_study
 from tuner.plan import load_space
+from tuner.text import printable
 
 
-def write_study(folder: Path, name: str = "study.yaml", **changes: Any) -> Path:
+def write_study(folder: Path, filename: str = "study.yaml", **changes: Any) -> Path:
     """digits_mlp's study file with some top-level keys replaced."""
     data = yamlio.load(STUDIES_DIR / "digits_mlp.yaml")
     data.update(changes)
-    path = folder / name
+    path = folder / filename
     path.write_text(yamlio.dumps(data))
     return path
 
@@ -129,3 +131,41 @@ def test_the_storage_url_comes_from_the_environment(
     one_line(capsys, f"No storage at {given}:")  # storage= wins over the environment
     monkeypatch.setenv("TUNER_STORAGE", "")
     assert load_study("digits_mlp").storage == "sqlite:///tuner.db"  # empty: the file's
+
+
+# --- terminal escapes: a user's string cannot drive the terminal ------------------------
+
+ESC = "\x1b[2J\x1b]0;owned\x07\u202e"  # clear the screen, retitle the window, flip the text
+
+
+def test_status_escapes_a_study_named_with_escape_sequences(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_study(tmp_path, name=f"evil{ESC}")
+    study = load_study(str(path))
+    url = f"sqlite:///{tmp_path}/t.db"
+    stage = optuna.create_study(
+        study_name=study.stage_name("batch_size"), storage=url, direction="maximize"
+    )
+    stage.add_trial(optuna.trial.create_trial(
+        value=0.5, params={"batch_size": f"64{ESC}"},
+        distributions={"batch_size": CategoricalDistribution([f"64{ESC}"])},
+        user_attrs={"config": {}},  # what makes it a stage's best trial
+    ))  # fmt: skip
+    assert main(["status", f"study={path}", f"storage={url}"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
+    assert "study evil\\x1b[2J\\x1b]0;owned\\x07\\u202e (" in out
+    assert "batch_size=64\\x1b[2J" in out
+
+
+def test_an_error_escapes_the_value_it_quotes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "study=digits_mlp", f"lr={ESC}"]) == 2
+    err = one_line(capsys, "lr=\\x1b[2J\\x1b]0;owned\\x07\\u202e: lr must be a number")
+    assert "\x1b" not in err and "\u202e" not in err
+
+
+def test_printable_keeps_plain_text_and_escapes_the_rest() -> None:
+    assert printable("lr=0.001 · ünïcode") == "lr=0.001 · ünïcode"
+    assert printable("a\tb\r\nc\x9b\u2028") == "a\\tb\\r\\nc\\x9b\\u2028"
+    assert printable("two\nlines\x1b", keep_newlines=True) == "two\nlines\\x1b"

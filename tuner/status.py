@@ -14,6 +14,7 @@ from tuner.config import StudyConfig
 from tuner.errors import StageRefused, UserError
 from tuner.plan import Source, plan_stage, rerun_command, stale_keys
 from tuner.results import SURPLUS, best_of, best_trial
+from tuner.text import printable
 
 
 @dataclass
@@ -91,13 +92,14 @@ def render(study: StudyConfig, rows: list[StageStatus]) -> str:
             r.stage, f"{r.complete + r.pruned}/{r.budget}", str(r.complete), str(r.pruned),
             str(r.failed), best, f"#{r.best_number}" if r.best_number is not None else "-",
         ))  # fmt: skip
+    table = [tuple(printable(cell) for cell in row) for row in table]  # a name with ESC in it
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = [head, ""]
+    lines = [printable(head), ""]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
               for row in table]  # fmt: skip
     lines.append("")
     for r in rows:
-        lines += _details(study, r)
+        lines += [printable(line) for line in _details(study, r)]  # one line each, escaped
     return "\n".join(lines).rstrip()
 
 
