@@ -4,18 +4,22 @@ status 2, or it does what the user wrote, never more."""
 
 from __future__ import annotations
 
+from html.parser import HTMLParser
+
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
-from optuna.distributions import CategoricalDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState, create_trial
 
 import search_spaces
+from tuner import notes, report
 from tuner import storage as storages
 from tuner import yamlio
 from tuner.cli import main
-from tuner.config import STUDIES_DIR, load_study
+from tuner.config import STUDIES_DIR, apply_overrides, load_study, merged
 from tuner.plan import load_space
 from tuner.text import printable
 
@@ -169,3 +173,59 @@ def test_printable_keeps_plain_text_and_escapes_the_rest() -> None:
     assert printable("lr=0.001 · ünïcode") == "lr=0.001 · ünïcode"
     assert printable("a\tb\r\nc\x9b\u2028") == "a\\tb\\r\\nc\\x9b\\u2028"
     assert printable("two\nlines\x1b", keep_newlines=True) == "two\nlines\\x1b"
+
+
+# --- the HTML report: a user's string is text, never markup -----------------------------
+
+XSS = "<img src=x onerror=alert(1)>"
+
+
+class Elements(HTMLParser):
+    """Every element and attribute of a page, and its text (a script's body is text)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, list[tuple[str, str | None]]]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, attrs))
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def test_no_element_or_attribute_of_the_report_comes_from_a_users_string(
+    tmp_path: Path,
+) -> None:
+    """Study name, metric, parameter names, choices, notes, error text: all payloads."""
+    url = f"sqlite:///{tmp_path}/x.db"
+    path = write_study(tmp_path, name=f"s{XSS}", metric=f"m{XSS}")
+    study = apply_overrides(load_study(str(path)), {"storage": url}, {}).study
+    choice = CategoricalDistribution([f"a{XSS}", f"b{XSS}"])
+    lr = FloatDistribution(1e-4, 1e-1, log=True)
+    stage = optuna.create_study(
+        study_name=study.stage_name("batch_size"), storage=url, direction="maximize"
+    )
+    stage.set_user_attr("metric", study.metric)
+    for i in range(4):
+        params = {f"p{XSS}": choice.choices[i % 2], "lr": 10.0 ** -(i + 1)}
+        stage.add_trial(create_trial(
+            value=0.5 + i / 10, params=params, distributions={f"p{XSS}": choice, "lr": lr},
+            intermediate_values={1: 0.4, 2: 0.5 + i / 10},
+            user_attrs={"config": merged(study.config, {"lr": params["lr"]}),
+                        "error": f"e{XSS}"},
+        ))  # fmt: skip
+    stage.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"error": f"e{XSS}"}))
+    stage.set_user_attr("fixed", {f"k{XSS}": f"v{XSS}"})
+    notes.write_stage_note(stage, [f"note{XSS}"])
+    out = tmp_path / "r.html"
+    assert main(["report", f"study={path}", f"storage={url}", f"out={out}"]) == 0
+    page = Elements()
+    page.feed(out.read_text())
+    assert not [tag for tag, _ in page.tags if tag == "img"]
+    attrs = [(name, value or "") for _, attrs in page.tags for name, value in attrs]
+    assert not [a for a in attrs if a[0].startswith("on") or "alert(" in a[1] or "<" in a[1]]
+    text = "".join(page.text)
+    for shown in (f"s{XSS}", f"m{XSS}", f"p{XSS}", f"b{XSS}", f"note{XSS}", f"k{XSS}", f"v{XSS}"):
+        assert shown in text  # as text: escaped in the file, the text itself on the page

@@ -12,6 +12,7 @@ import datetime as dt
 import html
 import math
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -138,7 +139,7 @@ def page(study: StudyConfig, stages: Sequence[Stage]) -> str:
         f" {when}. See it live: <code>python -m tuner dashboard</code>.</p>"
     )
     links = " · ".join(
-        f'<a href="#{anchor}">{_e(name)}</a>'
+        f'<a href="#{_e(anchor)}">{_e(name)}</a>'
         for anchor, name in [
             ("staircase", "staircase"),
             *((f"stage-{s.status.stage}", s.status.stage) for s in stages),
@@ -212,7 +213,7 @@ def _staircase(study: StudyConfig, stages: Sequence[Stage]) -> str:
                 line_shape="hv",  # a staircase: each stage holds its value until the next
             )
         )
-        fig.update_layout(yaxis_title=f"best validation {study.metric}", xaxis_title="stage")
+        fig.update_layout(yaxis_title=_e(f"best validation {study.metric}"), xaxis_title="stage")
         body += _figure(fig, "staircase-plot")
     return _section("staircase", "What each stage bought", intro + body)
 
@@ -236,7 +237,7 @@ def _stage(study: StudyConfig, index: int, stage: Stage) -> str:
     body += "<h3>Fixed</h3>"
     body += _html_table(("key", "value", "from"), fixed) if fixed else _NOTHING_FIXED
     if row.best_value is not None:
-        body += f"<h3>Best: trial #{row.best_number}, {study.metric} {row.best_value:.4f}</h3>"
+        body += f"<h3>Best: trial #{row.best_number}, {_e(study.metric)} {row.best_value:.4f}</h3>"
         body += _html_table(("parameter", "value"), best)
     body += "<h3>Optimization history</h3>" + _history(found, study.metric, row.stage)
     body += "<h3>Parameter importances</h3>" + _importances(found, row.stage)
@@ -258,7 +259,7 @@ def _history(found: optuna.Study, metric: str, stage: str) -> str:
 
     if not _complete(found):
         return "<p>No complete trial yet.</p>"
-    fig = plot_optimization_history(found, target_name=metric)
+    fig = plot_optimization_history(found, target_name=_e(metric))  # plotly reads tags in it
     return _figure(fig, f"history-{stage}")
 
 
@@ -304,7 +305,7 @@ def _curves(found: optuna.Study, metric: str, stage: str) -> str:
         ))  # fmt: skip
     last = max(max(t.intermediate_values) for t in top)
     fig.update_xaxes(dtick=max(1, math.ceil(last / 12)))  # whole epochs
-    fig.update_layout(xaxis_title="epoch", yaxis_title=f"validation {metric}")
+    fig.update_layout(xaxis_title="epoch", yaxis_title=_e(f"validation {metric}"))
     return _figure(fig, f"curves-{stage}")
 
 
@@ -340,7 +341,7 @@ def _figure(fig: Any, div_id: str) -> str:
     text: str = fig.to_html(
         full_html=False,
         include_plotlyjs=False,  # inlined once in <head>
-        div_id=div_id,
+        div_id=_id(div_id),  # plotly writes it into the page as it is
         config={"displaylogo": False, "responsive": True},
     )
     return text
@@ -357,7 +358,13 @@ def _html_table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _e(value: Any) -> str:
+    """Text or an attribute value for the page (and for plotly's titles, which read tags)."""
     return html.escape(str(value))
+
+
+def _id(text: str) -> str:
+    """An element id from a stage name: letters, digits, ``-`` and ``_`` only."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
 def _fmt(value: Any) -> str:
