@@ -4,6 +4,7 @@ status 2, or it does what the user wrote, never more."""
 
 from __future__ import annotations
 
+import csv
 from html.parser import HTMLParser
 
 from pathlib import Path
@@ -229,3 +230,30 @@ def test_no_element_or_attribute_of_the_report_comes_from_a_users_string(
     text = "".join(page.text)
     for shown in (f"s{XSS}", f"m{XSS}", f"p{XSS}", f"b{XSS}", f"note{XSS}", f"k{XSS}", f"v{XSS}"):
         assert shown in text  # as text: escaped in the file, the text itself on the page
+
+
+# --- the CSV report: no cell is a formula ---------------------------------------------
+
+FORMULAS = ["=HYPERLINK(\"http://x\",\"y\")", "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)",
+            "\t=1", "\r=1"]  # fmt: skip
+
+
+def test_csv_cells_that_start_a_formula_are_neutralised(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/x.db"
+    study = apply_overrides(load_study("digits_mlp"), {"storage": url}, {}).study
+    choice = CategoricalDistribution([*FORMULAS, "-3", "plain"])
+    stage = optuna.create_study(
+        study_name=study.stage_name("batch_size"), storage=url, direction="minimize"
+    )
+    for i, value in enumerate([*FORMULAS, "-3", "plain"]):
+        stage.add_trial(create_trial(
+            value=-0.5 - i, params={"opt": value}, distributions={"opt": choice},
+            user_attrs={"config": study.config, "error": FORMULAS[i % len(FORMULAS)]},
+        ))  # fmt: skip
+    out = tmp_path / "r.csv"
+    assert main(["report", "study=digits_mlp", f"storage={url}", f"out={out}"]) == 0
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["params_opt"] for r in rows] == [*(f"'{v}" for v in FORMULAS), "-3", "plain"]
+    assert all(r["error"].startswith("'") for r in rows)
+    assert [float(r["value"]) for r in rows] == [-0.5 - i for i in range(len(rows))]  # numbers

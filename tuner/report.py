@@ -66,9 +66,13 @@ def make(study: StudyConfig, out: str | None = None, format: str | None = None) 
     if not path.parent.is_dir():
         raise UserError(f"out={path}: folder {path.parent} does not exist.")
     stages = load(study)
-    _write(
-        path, table(study, stages).to_csv(index=False) if format == "csv" else page(study, stages)
+    # CRLF rows (RFC 4180): a cell with a CR in it is quoted, not split into two rows.
+    text = (
+        spreadsheet_safe(table(study, stages)).to_csv(index=False, lineterminator="\r\n")
+        if format == "csv"
+        else ""
     )
+    _write(path, text or page(study, stages))
     return path
 
 
@@ -119,6 +123,28 @@ def table(study: StudyConfig, stages: Sequence[Stage]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     columns = [*head, *(c for c in CSV_ATTRS if c in frame.columns)]
     return frame.reindex(columns=columns).convert_dtypes()
+
+
+# A cell a spreadsheet would run as a formula (=, +, -, @, and tab or CR before them);
+# a number written as text ("-1.5") is only a number, and stays as it is.
+_FORMULA = re.compile(r"[=+\-@\t\r]")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """The table with every text cell that would start a formula prefixed with ``'``, as
+    spreadsheet-safe CSV writers do (OWASP's CSV injection advice); numbers are left alone."""
+
+    def cell(value: Any) -> Any:
+        if isinstance(value, str) and _FORMULA.match(value) and not _NUMBER.fullmatch(value):
+            return "'" + value
+        return value
+
+    frame = frame.copy()
+    for column in frame.columns:
+        if not pd.api.types.is_numeric_dtype(frame[column]):
+            frame[column] = frame[column].astype(object).map(cell)
+    return frame
 
 
 # --- the HTML page ----------------------------------------------------------------------------
