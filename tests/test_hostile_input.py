@@ -5,6 +5,10 @@ status 2, or it does what the user wrote, never more."""
 from __future__ import annotations
 
 import csv
+import os
+import pickle
+import subprocess
+import sys
 from html.parser import HTMLParser
 
 from pathlib import Path
@@ -16,6 +20,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 import search_spaces
+from tests import fake_data
 from tuner import notes, report
 from tuner import storage as storages
 from tuner import yamlio
@@ -257,3 +262,35 @@ def test_csv_cells_that_start_a_formula_are_neutralised(tmp_path: Path) -> None:
     assert [r["params_opt"] for r in rows] == [*(f"'{v}" for v in FORMULAS), "-3", "plain"]
     assert all(r["error"].startswith("'") for r in rows)
     assert [float(r["value"]) for r in rows] == [-0.5 - i for i in range(len(rows))]  # numbers
+
+
+# --- a data file cannot run code -------------------------------------------------------
+
+
+class _RunsCode:
+    """What a crafted pickle holds: unpickling it calls ``os.system``."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.system, (self.command,)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_crafted_cifar10_batch_is_refused_without_running_it(tmp_path: Path) -> None:
+    folder = fake_data.write_cifar10(tmp_path / "data")
+    marker = tmp_path / "ran"
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump({"data": _RunsCode(f"touch {marker}"), "labels": [0]}, f)
+    done = subprocess.run(
+        [sys.executable, "-m", "tuner", "check", "study=cifar10", f"data.root={tmp_path / 'data'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert not marker.exists()
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "data_batch_1 is not a CIFAR-10 batch" in done.stderr
+    assert "it asks for posix.system" in done.stderr and "refused without running it" in done.stderr
