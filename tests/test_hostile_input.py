@@ -294,3 +294,19 @@ def test_a_crafted_cifar10_batch_is_refused_without_running_it(tmp_path: Path) -
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "data_batch_1 is not a CIFAR-10 batch" in done.stderr
     assert "it asks for posix.system" in done.stderr and "refused without running it" in done.stderr
+
+
+# --- a classification study on a continuous target -------------------------------------
+
+
+def test_a_classification_of_a_continuous_target_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    fake_data.write_csv(tmp_path / "t.csv", regression=True)  # a float target
+    assert main(["check", "study=csv_classification", "data.path=t.csv"]) == 2
+    err = one_line(
+        capsys, "data.target target: task is classification, but the column holds continuous"
+        " numbers: 239 distinct values in 240 rows", "use study=csv_regression or task=regression"
+    )  # fmt: skip
+    assert len(err) < 300, len(err)
