@@ -310,3 +310,33 @@ def test_a_classification_of_a_continuous_target_says_so(
         " numbers: 239 distinct values in 240 rows", "use study=csv_regression or task=regression"
     )  # fmt: skip
     assert len(err) < 300, len(err)
+
+
+# --- a study file is checked whole before its objective is imported ---------------------
+
+IMPORTED = """\
+from pathlib import Path
+
+Path("imported").write_text("the objective module ran")
+
+
+def train(config, report, test=False):
+    return {"accuracy": 0.5}
+"""
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_nothing_of_the_objective_is_imported_before_the_file_is_checked(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    module = f"objective_{command}_{os.getpid()}"  # a fresh module: nothing cached
+    (tmp_path / f"{module}.py").write_text(IMPORTED)
+    spaces = {"architecture": {"model.width": {"choicez": [8]}}}  # the last stage's space
+    path = write_study(tmp_path, objective=f"{module}:train", search_spaces=spaces)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert main([command, f"study={path}"]) == 2
+    one_line(capsys, "architecture.model.width: unknown fields ['choicez']")
+    assert not (tmp_path / "imported").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{module}.py", "study.yaml"]

@@ -203,7 +203,17 @@ def load_study(name: str = DEFAULT_STUDY) -> StudyConfig:
         defaults=defaults,
     )
     check(study)
+    _check_spaces(study)
     return study
+
+
+def _check_spaces(study: StudyConfig) -> None:
+    """Every stage's search space, with the study's changes, holds: the whole file is checked
+    before anything imports its objective (which runs the objective module's code)."""
+    from tuner.plan import load_space  # plan imports this module
+
+    for stage in study.stages:
+        load_space(study, stage)
 
 
 def check(study: StudyConfig) -> None:
