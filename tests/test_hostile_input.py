@@ -10,7 +10,6 @@ import pickle
 import subprocess
 import sys
 from html.parser import HTMLParser
-
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,8 @@ from optuna.trial import TrialState, create_trial
 
 import search_spaces
 from tests import fake_data
-from tuner import notes, report
+from tuner import notes, yamlio
 from tuner import storage as storages
-from tuner import yamlio
 from tuner.cli import main
 from tuner.config import STUDIES_DIR, apply_overrides, load_study, merged
 from tuner.plan import load_space
@@ -106,7 +104,6 @@ def test_a_file_that_is_no_study_file_is_not_quoted(
     assert main(["check", f"study={path}"]) == 2
     err = one_line(capsys, f"tuner: {path}: ", message)
     assert "s3cret" not in err and "20228" not in err
-
 
 
 # --- storage URLs: every password masked; the URL from the environment -------------------
@@ -285,15 +282,17 @@ def test_a_crafted_cifar10_batch_is_refused_without_running_it(tmp_path: Path) -
     marker = tmp_path / "ran"
     with open(folder / "data_batch_1", "wb") as f:
         pickle.dump({"data": _RunsCode(f"touch {marker}"), "labels": [0]}, f)
+    command = ["check", "study=cifar10", f"data.root={tmp_path / 'data'}"]
     done = subprocess.run(
-        [sys.executable, "-m", "tuner", "check", "study=cifar10", f"data.root={tmp_path / 'data'}"],
+        [sys.executable, "-m", "tuner", *command],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert not marker.exists()
     assert done.returncode == 2, done.stderr
-    assert done.stderr.count("\n") == 1 and "data_batch_1 is not a CIFAR-10 batch" in done.stderr
-    assert "it asks for posix.system" in done.stderr and "refused without running it" in done.stderr
+    err = done.stderr
+    assert err.count("\n") == 1 and "data_batch_1 is not a CIFAR-10 batch" in err
+    assert "it asks for posix.system" in err and "refused without running it" in err
 
 
 # --- a classification study on a continuous target -------------------------------------

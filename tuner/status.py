@@ -80,7 +80,7 @@ def render(study: StudyConfig, rows: list[StageStatus]) -> str:
     head = (
         f"study {study.name} ({storages.mask(study.storage)}): {study.metric}, {study.direction}"
     )
-    table = [
+    table: list[tuple[str, ...]] = [
         ("stage", "finished", "complete", "pruned", "failed", f"best {study.metric}", "trial")
     ]
     for r in rows:
@@ -92,7 +92,7 @@ def render(study: StudyConfig, rows: list[StageStatus]) -> str:
             r.stage, f"{r.complete + r.pruned}/{r.budget}", str(r.complete), str(r.pruned),
             str(r.failed), best, f"#{r.best_number}" if r.best_number is not None else "-",
         ))  # fmt: skip
-    table = [tuple(printable(cell) for cell in row) for row in table]  # a name with ESC in it
+    table = [tuple(map(printable, row)) for row in table]  # a study named with ESC in it
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = [printable(head), ""]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
