@@ -93,8 +93,9 @@ SHADOW = "root:$6$s3cretSalt$hashhashhash:20228:0:99999:7:::\ndaemon:*:20228:0:9
         (SHADOW, "not a study file (it has none of the keys budget, defaults,"),
         ("token: s3cret-api-token\n", "not a study file"),
         (f"name: x\n{SHADOW}", "a key that is not a name; the keys are budget, defaults,"),
+        ("a: *s3cretalias\n", "line 1: malformed YAML: found undefined alias (text left out)"),
     ],
-    ids=["shadow", "other yaml", "a study key and a foreign line"],
+    ids=["shadow", "other yaml", "a study key and a foreign line", "yaml error"],
 )
 def test_a_file_that_is_no_study_file_is_not_quoted(
     text: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -102,7 +103,7 @@ def test_a_file_that_is_no_study_file_is_not_quoted(
     path = tmp_path / "shadow"
     path.write_text(text)
     assert main(["check", f"study={path}"]) == 2
-    err = one_line(capsys, f"tuner: {path}: ", message)
+    err = one_line(capsys, f"tuner: {path}", message)
     assert "s3cret" not in err and "20228" not in err
 
 
