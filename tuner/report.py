@@ -28,6 +28,7 @@ from tuner import storage as storages
 from tuner.config import StudyConfig
 from tuner.errors import UserError
 from tuner.status import StageStatus, collect
+from tuner.text import spreadsheet_cell
 
 FORMATS = ("html", "csv")
 CURVES = 5  # learning curves drawn per stage: its best trials
@@ -125,25 +126,13 @@ def table(study: StudyConfig, stages: Sequence[Stage]) -> pd.DataFrame:
     return frame.reindex(columns=columns).convert_dtypes()
 
 
-# A cell a spreadsheet would run as a formula (=, +, -, @, and tab or CR before them);
-# a number written as text ("-1.5") is only a number, and stays as it is.
-_FORMULA = re.compile(r"[=+\-@\t\r]")
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
 def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
-    """The table with every text cell that would start a formula prefixed with ``'``, as
-    spreadsheet-safe CSV writers do (OWASP's CSV injection advice); numbers are left alone."""
-
-    def cell(value: Any) -> Any:
-        if isinstance(value, str) and _FORMULA.match(value) and not _NUMBER.fullmatch(value):
-            return "'" + value
-        return value
-
+    """The table with every text cell that would start a formula neutralised (see
+    ``spreadsheet_cell``); numbers are left alone."""
     frame = frame.copy()
     for column in frame.columns:
         if not pd.api.types.is_numeric_dtype(frame[column]):
-            frame[column] = frame[column].astype(object).map(cell)
+            frame[column] = frame[column].astype(object).map(spreadsheet_cell)
     return frame
 
 

@@ -28,20 +28,18 @@ from sqlalchemy.engine import make_url
 from tuner.errors import UserError
 
 DEFAULT_URL = "sqlite:///tuner.db"
-# ``scheme://user:password@host``: the password runs to the last ``@`` that a host follows
-# (a host, then the path, a space or the end), so a password with a space, a ``/`` or a raw
-# ``@`` in it is hidden whole. Over-masking an odd line is the safe side.
+# ``scheme://user:password@host``: the password runs to the ``@`` that a host follows, so
+# one with a space, a ``/`` or a raw ``@`` in it is hidden whole (over-masking is safe).
 _PASSWORD = re.compile(
     r"(?P<head>[a-z][a-z0-9+.-]*://[^/:@\s]*:)(?P<password>[^\n]*?)@(?=[^@/\s]*(?:[/?\s]|$))",
     re.I,
 )
-# ``?password=secret`` (libpq and SQLAlchemy take the password as a query parameter too).
 _QUERY_PASSWORD = re.compile(r"(?P<head>[?&](?:password|passwd|pwd)=)[^&#\s]*", re.I)
 
 
 def mask(text: str) -> str:
     """A text with the password of any storage URL in it replaced by ``***``: the one of
-    ``scheme://user:password@host`` and of a ``?password=`` query parameter."""
+    ``scheme://user:password@host`` and of a ``?password=`` query parameter (libpq's)."""
     text = _PASSWORD.sub(lambda m: f"{m.group('head')}***@", text)
     return _QUERY_PASSWORD.sub(lambda m: f"{m.group('head')}***", text)
 

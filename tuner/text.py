@@ -1,10 +1,12 @@
-"""Text for a terminal: a user's string (a study name, a key, a value from a file) printed with
-its control characters escaped, so it cannot move the cursor, clear the screen, retitle the
-window or hide the line before it."""
+"""A user's string (a study name, a key, a value from a file) made safe for where it goes: a
+terminal, with its control characters escaped, so it cannot move the cursor, clear the screen,
+retitle the window or hide the line before it; a spreadsheet, where it must not be a formula."""
 
 from __future__ import annotations
 
+import re
 import unicodedata
+from typing import Any
 
 # Cc: C0/C1 controls (ESC, BEL, CR, ...); Cf: format characters (bidi overrides, zero-width);
 # Zl/Zp: the line and paragraph separators.
@@ -35,3 +37,22 @@ def printable(text: object, keep_newlines: bool = False) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+# A cell a spreadsheet would run as a formula (=, +, -, @, and tab or CR before them);
+# a number written as text ("-1.5") is only a number, and stays as it is.
+_FORMULA = re.compile(r"[=+\-@\t\r]")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def spreadsheet_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: a string that would start a formula is
+    prefixed with ``'``, as spreadsheet-safe CSV writers do (OWASP's CSV injection advice).
+
+    Example:
+        >>> spreadsheet_cell("=1+1"), spreadsheet_cell("-1.5"), spreadsheet_cell(-2)
+        ("'=1+1", '-1.5', -2)
+    """
+    if isinstance(value, str) and _FORMULA.match(value) and not _NUMBER.fullmatch(value):
+        return "'" + value
+    return value
