@@ -1,6 +1,7 @@
-"""Input written by a careless user or an attacker (issue 15): a search-space override that
-would be merged away, an empty dashboard host, and the like. Each is one line and exit
-status 2, or it does what the user wrote, never more."""
+"""Input written by a careless user or an attacker (issue 15): a report or a terminal line
+built from a payload, a crafted data file, a file that is no study file, a search-space
+override that would be merged away, an empty dashboard host, and the like. Each is one line
+and exit status 2, or it does what the user wrote, never more; no payload runs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import optuna
 import pytest
@@ -340,3 +342,19 @@ def test_nothing_of_the_objective_is_imported_before_the_file_is_checked(
     one_line(capsys, "architecture.model.width: unknown fields ['choicez']")
     assert not (tmp_path / "imported").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{module}.py", "study.yaml"]
+
+
+def test_the_dashboards_lines_escape_a_path_with_escape_sequences(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def ctrl_c(self: WSGIServer, poll_interval: float = 0.5) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(WSGIServer, "serve_forever", ctrl_c)
+    url = f"sqlite:///{tmp_path}/e{ESC}.db"
+    optuna.create_study(study_name="digits_mlp/batch_size", storage=url)
+    folder = tmp_path / f"a{ESC}"
+    assert main(["dashboard", f"storage={url}", "port=0", f"artifacts={folder}"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\u202e" not in out
+    assert "e\\x1b[2J\\x1b]0;owned\\x07\\u202e.db" in out and "a\\x1b[2J" in out

@@ -22,6 +22,7 @@ from tuner import artifacts as artifact_files
 from tuner import storage as storages
 from tuner.config import StudyConfig
 from tuner.errors import UserError
+from tuner.text import printable
 
 Print = Callable[[str], None]
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -95,13 +96,15 @@ def serve(
     artifacts: str | None = None,
     out: Print = print,
 ) -> None:
-    """Serve the dashboard until Ctrl-C."""
+    """Serve the dashboard until Ctrl-C; its lines escape control characters (a path with
+    ESC in it)."""
+    out = _escaped(out)
     server = make(study, host, port, artifacts)
     bound = int(server.server_address[1])
     if host not in LOCAL_HOSTS:
         print(
             f"tuner: warning: the dashboard has no authentication; anyone who can reach"
-            f" {host}:{bound} can read and change these studies.",
+            f" {printable(host)}:{bound} can read and change these studies.",
             file=sys.stderr,
         )
     out(f"optuna-dashboard on {storages.mask(study.storage)}: {url(host, bound)}")
@@ -119,3 +122,10 @@ def serve(
         out("")
     finally:
         server.server_close()
+
+
+def _escaped(out: Print) -> Print:
+    def say(line: str) -> None:
+        out(printable(line))
+
+    return say
