@@ -10,11 +10,13 @@ sample by a ``DataLoader`` with ``data.workers`` processes.
 
 from __future__ import annotations
 
+import codecs
 import functools
+import pickle
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,12 +32,74 @@ SUBSAMPLE_SEED = 0  # data.num_samples takes the same training images in every t
 STATS_SAMPLES = 2000  # training images read to estimate a folder's channel statistics
 
 
-class _CIFAR10(torchvision.datasets.CIFAR10):
-    """CIFAR-10 whose files are checked for presence, not by MD5 on every load (170 MB)."""
+class _CIFAR10:
+    """CIFAR-10's pickled batches, read with an unpickler that admits only what the format
+    holds (a dict of numpy arrays, lists, bytes and str): a crafted pickle in ``data_batch_1``
+    could run any code under ``pickle.load``, which is what torchvision calls. The files are
+    checked for presence, not by MD5 on every load (170 MB); a download is MD5-checked."""
 
-    train_list: ClassVar = [[name, None] for name, _ in torchvision.datasets.CIFAR10.train_list]
-    test_list: ClassVar = [[name, None] for name, _ in torchvision.datasets.CIFAR10.test_list]
-    meta: ClassVar = {**torchvision.datasets.CIFAR10.meta, "md5": None}
+    def __init__(self, root: str, train: bool = True, download: bool = False) -> None:
+        cls = torchvision.datasets.CIFAR10
+        folder = Path(root) / cls.base_folder
+        names = [n for n, _ in (cls.train_list if train else cls.test_list)]
+        if download and not all((folder / n).is_file() for n in _CIFAR):
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            download_and_extract_archive(cls.url, root, filename=cls.filename, md5=cls.tgz_md5)
+        data, self.targets = [], []
+        for name in names:
+            entry = _unpickle(folder / name)
+            labels = entry.get("labels", entry.get("fine_labels"))
+            if not isinstance(entry.get("data"), np.ndarray) or not isinstance(labels, list):
+                raise ValueError(f"{folder / name} is not a CIFAR-10 batch (no data and labels).")
+            data.append(entry["data"])
+            self.targets.extend(labels)
+        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # HWC
+        self.classes = _unpickle(folder / "batches.meta").get("label_names")
+
+
+# What a CIFAR-10 batch holds besides dicts, lists, bytes and str (pickle opcodes, which
+# call nothing): numpy's array and scalar reconstruction, from numpy 1 (numpy.core) or 2,
+# and codecs.encode, which Python 3 writes for bytes in a protocol-2 pickle.
+_NUMPY = {"_reconstruct", "scalar", "_frombuffer", "ndarray", "dtype"}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray",
+                      "numpy.core.numeric", "numpy._core.numeric") and name in _NUMPY:  # fmt: skip
+            return getattr(np, name) if module == "numpy" else _numpy_core(module, name)
+        if (module, name) == ("_codecs", "encode"):  # bytes in a protocol-2 pickle of Python 3
+            return codecs.encode
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}")
+
+
+def _numpy_core(module: str, name: str) -> Any:
+    """``numpy.core.x`` of numpy 1's pickles as numpy 2's ``numpy._core.x`` (no warning)."""
+    import importlib
+
+    for candidate in (module.replace("numpy.core", "numpy._core"), module):
+        try:
+            return getattr(importlib.import_module(candidate), name)
+        except (ImportError, AttributeError):
+            continue
+    raise pickle.UnpicklingError(f"it asks for {module}.{name}, which this numpy lacks")
+
+
+def _unpickle(path: Path) -> dict[str, Any]:
+    """One pickled dict of a CIFAR-10 folder; ``ValueError`` for anything else."""
+    try:
+        with open(path, "rb") as f:
+            entry = _BatchUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(
+            f"{path} is not a CIFAR-10 batch ({exc}); refused without running it: a crafted"
+            " pickle runs code. Put the real files there, or delete them and set"
+            " data.download=true."
+        ) from None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path} is not a CIFAR-10 batch (a {type(entry).__name__}).")
+    return entry
 
 
 # name: (torchvision class, folder under data.root, the files it must hold)

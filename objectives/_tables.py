@@ -58,6 +58,7 @@ def load_table(spec: Mapping[str, Any], seed: int, device: torch.device, task: s
     features = frame.drop(columns=[target])
     classes: list[Any] = []
     if task == "classification":
+        _check_classes(frame[target], target)
         classes = sorted(frame[target].dropna().unique().tolist())
         y = frame[target].map({c: i for i, c in enumerate(classes)}).to_numpy()
         if np.isnan(y.astype(float)).any():
@@ -92,6 +93,24 @@ def load_table(spec: Mapping[str, Any], seed: int, device: torch.device, task: s
         target_mean=t_mean,
         target_std=t_std,
         test_split=lambda to: split(test_idx, to),
+    )
+
+
+def _check_classes(column: pd.Series, target: str) -> None:
+    """A class needs two rows (one to train on, one to hold out); a target with one row per
+    value is most likely continuous: say so, not the splitter's list of every "class"."""
+    counts = column.dropna().value_counts()
+    single = int((counts < 2).sum())
+    if not single:
+        return
+    values = column.dropna()
+    continuous = pd.api.types.is_float_dtype(values) and not (values % 1 == 0).all()
+    what = "continuous numbers" if continuous else "values"
+    raise ValueError(
+        f"data.target {target}: task is classification, but the column holds {what}:"
+        f" {len(counts)} distinct values in {len(values)} rows, {single} of them in one row"
+        " only (a class needs at least 2); for a continuous target use study=csv_regression"
+        " or task=regression."
     )
 
 

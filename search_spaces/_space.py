@@ -191,13 +191,15 @@ def grid_points(space: SearchSpace, incumbent: Mapping[str, Any]) -> list[dict[s
 # --- reading and checking a spec --------------------------------------------------------
 
 
+# The field that says what kind of parameter a spec is. choices and powers_of_two are two
+# kinds: merged, the file's powers_of_two would win over a study's choices.
+_KIND_OF = {"choices": "choices", "powers_of_two": "powers_of_two", "around": "around",
+            "low": "range", "high": "range"}  # fmt: skip
+
+
 def _kind(spec: Mapping[str, Any]) -> str | None:
     """What kind of parameter a spec describes (None: it only tweaks fields)."""
-    for field_, kind in (("choices", "choices"), ("powers_of_two", "choices"),
-                         ("around", "around"), ("low", "range"), ("high", "range")):  # fmt: skip
-        if field_ in spec:
-            return kind
-    return None
+    return next((kind for field_, kind in _KIND_OF.items() if field_ in spec), None)
 
 
 def _param(where: str, key: str, spec: Any) -> Param:
@@ -206,6 +208,12 @@ def _param(where: str, key: str, spec: Any) -> Param:
     unknown = set(spec) - _FIELDS
     if unknown:
         raise SearchSpaceError(f"{where}: unknown fields {sorted(unknown)}.")
+    if len({kind for field_, kind in _KIND_OF.items() if field_ in spec}) > 1:
+        named = [field_ for field_ in _KIND_OF if field_ in spec]
+        raise SearchSpaceError(
+            f"{where}: a parameter is one of choices, powers_of_two, around or low/high,"
+            f" but it names {', '.join(named)}."
+        )
     when = {
         k: tuple(v) if isinstance(v, list) else (v,) for k, v in (spec.get("when") or {}).items()
     }

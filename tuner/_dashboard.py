@@ -22,6 +22,7 @@ from tuner import artifacts as artifact_files
 from tuner import storage as storages
 from tuner.config import StudyConfig
 from tuner.errors import UserError
+from tuner.text import printable
 
 Print = Callable[[str], None]
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -50,6 +51,15 @@ def url(host: str, port: int) -> str:
     return f"http://{shown}:{port}/dashboard"
 
 
+def check_host(host: str) -> None:
+    """An address to bind: an empty one would bind every address, as 0.0.0.0 does."""
+    if not host.strip():
+        raise UserError(
+            f"host={host}: an empty host listens on every address (0.0.0.0), and the dashboard"
+            " has no authentication; leave host= out for 127.0.0.1, or name the address."
+        )
+
+
 def check_port(port: int) -> None:
     """A port a server can listen on (0 picks a free one)."""
     if not 0 <= port <= 65535:
@@ -60,6 +70,7 @@ def make(
     study: StudyConfig, host: str = "127.0.0.1", port: int = 8080, artifacts: str | None = None
 ) -> WSGIServer:
     """A dashboard server on the study's storage, bound and ready to ``serve_forever``."""
+    check_host(host)
     check_port(port)
     if not storages.exists(study.storage):
         raise UserError(
@@ -85,13 +96,15 @@ def serve(
     artifacts: str | None = None,
     out: Print = print,
 ) -> None:
-    """Serve the dashboard until Ctrl-C."""
+    """Serve the dashboard until Ctrl-C; its lines escape control characters (a path with
+    ESC in it)."""
+    out = _escaped(out)
     server = make(study, host, port, artifacts)
     bound = int(server.server_address[1])
     if host not in LOCAL_HOSTS:
         print(
             f"tuner: warning: the dashboard has no authentication; anyone who can reach"
-            f" {host}:{bound} can read and change these studies.",
+            f" {printable(host)}:{bound} can read and change these studies.",
             file=sys.stderr,
         )
     out(f"optuna-dashboard on {storages.mask(study.storage)}: {url(host, bound)}")
@@ -109,3 +122,10 @@ def serve(
         out("")
     finally:
         server.server_close()
+
+
+def _escaped(out: Print) -> Print:
+    def say(line: str) -> None:
+        out(printable(line))
+
+    return say

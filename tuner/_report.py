@@ -12,6 +12,7 @@ import datetime as dt
 import html
 import math
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from tuner import storage as storages
 from tuner._status import StageStatus, collect
 from tuner.config import StudyConfig
 from tuner.errors import UserError
+from tuner.text import spreadsheet_cell
 
 FORMATS = ("html", "csv")
 CURVES = 5  # learning curves drawn per stage: its best trials
@@ -66,9 +68,13 @@ def make(study: StudyConfig, out: str | None = None, format: str | None = None) 
     if not path.parent.is_dir():
         raise UserError(f"out={path}: folder {path.parent} does not exist.")
     stages = load(study)
-    _write(
-        path, table(study, stages).to_csv(index=False) if format == "csv" else page(study, stages)
+    # CRLF rows (RFC 4180): a cell with a CR in it is quoted, not split into two rows.
+    text = (
+        spreadsheet_safe(table(study, stages)).to_csv(index=False, lineterminator="\r\n")
+        if format == "csv"
+        else ""
     )
+    _write(path, text or page(study, stages))
     return path
 
 
@@ -121,6 +127,16 @@ def table(study: StudyConfig, stages: Sequence[Stage]) -> pd.DataFrame:
     return frame.reindex(columns=columns).convert_dtypes()
 
 
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """The table with every text cell that would start a formula neutralised (see
+    ``spreadsheet_cell``); numbers are left alone."""
+    frame = frame.copy()
+    for column in frame.columns:
+        if not pd.api.types.is_numeric_dtype(frame[column]):
+            frame[column] = frame[column].astype(object).map(spreadsheet_cell)
+    return frame
+
+
 # --- the HTML page ----------------------------------------------------------------------------
 
 
@@ -139,7 +155,7 @@ def page(study: StudyConfig, stages: Sequence[Stage]) -> str:
         f" {when}. See it live: <code>python -m tuner dashboard</code>.</p>"
     )
     links = " · ".join(
-        f'<a href="#{anchor}">{_e(name)}</a>'
+        f'<a href="#{_e(anchor)}">{_e(name)}</a>'
         for anchor, name in [
             ("staircase", "staircase"),
             *((f"stage-{s.status.stage}", s.status.stage) for s in stages),
@@ -213,7 +229,7 @@ def _staircase(study: StudyConfig, stages: Sequence[Stage]) -> str:
                 line_shape="hv",  # a staircase: each stage holds its value until the next
             )
         )
-        fig.update_layout(yaxis_title=f"best validation {study.metric}", xaxis_title="stage")
+        fig.update_layout(yaxis_title=_e(f"best validation {study.metric}"), xaxis_title="stage")
         body += _figure(fig, "staircase-plot")
     return _section("staircase", "What each stage bought", intro + body)
 
@@ -237,7 +253,7 @@ def _stage(study: StudyConfig, index: int, stage: Stage) -> str:
     body += "<h3>Fixed</h3>"
     body += _html_table(("key", "value", "from"), fixed) if fixed else _NOTHING_FIXED
     if row.best_value is not None:
-        body += f"<h3>Best: trial #{row.best_number}, {study.metric} {row.best_value:.4f}</h3>"
+        body += f"<h3>Best: trial #{row.best_number}, {_e(study.metric)} {row.best_value:.4f}</h3>"
         body += _html_table(("parameter", "value"), best)
     body += "<h3>Optimization history</h3>" + _history(found, study.metric, row.stage)
     body += "<h3>Parameter importances</h3>" + _importances(found, row.stage)
@@ -259,7 +275,7 @@ def _history(found: optuna.Study, metric: str, stage: str) -> str:
 
     if not _complete(found):
         return "<p>No complete trial yet.</p>"
-    fig = plot_optimization_history(found, target_name=metric)
+    fig = plot_optimization_history(found, target_name=_e(metric))  # plotly reads tags in it
     return _figure(fig, f"history-{stage}")
 
 
@@ -305,7 +321,7 @@ def _curves(found: optuna.Study, metric: str, stage: str) -> str:
         ))  # fmt: skip
     last = max(max(t.intermediate_values) for t in top)
     fig.update_xaxes(dtick=max(1, math.ceil(last / 12)))  # whole epochs
-    fig.update_layout(xaxis_title="epoch", yaxis_title=f"validation {metric}")
+    fig.update_layout(xaxis_title="epoch", yaxis_title=_e(f"validation {metric}"))
     return _figure(fig, f"curves-{stage}")
 
 
@@ -341,7 +357,7 @@ def _figure(fig: Any, div_id: str) -> str:
     text: str = fig.to_html(
         full_html=False,
         include_plotlyjs=False,  # inlined once in <head>
-        div_id=div_id,
+        div_id=_id(div_id),  # plotly writes it into the page as it is
         config={"displaylogo": False, "responsive": True},
     )
     return text
@@ -358,7 +374,13 @@ def _html_table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _e(value: Any) -> str:
+    """Text or an attribute value for the page (and for plotly's titles, which read tags)."""
     return html.escape(str(value))
+
+
+def _id(text: str) -> str:
+    """An element id from a stage name: letters, digits, ``-`` and ``_`` only."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
 def _fmt(value: Any) -> str:

@@ -14,6 +14,7 @@ from tuner.config import StudyConfig
 from tuner.errors import StageRefused, UserError
 from tuner.plan import Source, plan_stage, rerun_command, stale_keys
 from tuner.results import SURPLUS, best_of, best_trial, rescored
+from tuner.text import printable
 
 
 @dataclass
@@ -92,7 +93,7 @@ def render(study: StudyConfig, rows: list[StageStatus]) -> str:
     head = (
         f"study {study.name} ({storages.mask(study.storage)}): {study.metric}, {study.direction}"
     )
-    table = [
+    table: list[tuple[str, ...]] = [
         ("stage", "finished", "complete", "pruned", "failed", f"best {study.metric}", "trial")
     ]
     for r in rows:
@@ -107,13 +108,14 @@ def render(study: StudyConfig, rows: list[StageStatus]) -> str:
             r.stage, f"{r.complete + r.pruned}/{r.budget}", str(r.complete), str(r.pruned),
             str(r.failed), best, f"#{r.best_number}" if r.best_number is not None else "-",
         ))  # fmt: skip
+    table = [tuple(map(printable, row)) for row in table]  # a study named with ESC in it
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = [head, ""]
+    lines = [printable(head), ""]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
               for row in table]  # fmt: skip
     lines.append("")
     for r in rows:
-        lines += _details(study, r)
+        lines += [printable(line) for line in _details(study, r)]  # one line each, escaped
     return "\n".join(lines).rstrip()
 
 

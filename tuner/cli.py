@@ -17,6 +17,7 @@ from tuner import __version__, signals, yamlio
 from tuner import storage as storages
 from tuner.config import DEFAULT_STUDY, Overrides, apply_overrides, load_study, parse_pairs
 from tuner.errors import CheckFailed, StageFailed, UserError
+from tuner.text import printable
 
 USAGE = f"""\
 tuner {__version__}: staged hyperparameter tuning of PyTorch models on Optuna
@@ -230,12 +231,13 @@ def _train(rest: list[str]) -> int:
 
 
 def _one_line(message: str) -> str:
-    """An error is one line, even when it quotes a value with a line break in it."""
-    return message.replace("\r", "\\r").replace("\n", "\\n")
+    """An error is one line, even when it quotes a value with a line break in it, and a
+    value's control characters (ESC ...) are escaped."""
+    return printable(message)
 
 
 def _print(line: str) -> None:
-    print(line, flush=True)  # worker processes write to the same stream
+    print(printable(line, keep_newlines=True), flush=True)  # workers write to this stream too
 
 
 def _int_option(key: str, text: str | None) -> int | None:

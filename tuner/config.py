@@ -9,6 +9,8 @@ match, and a value must have the type of the default it replaces.
 from __future__ import annotations
 
 import difflib
+import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,8 +18,12 @@ from typing import Any
 
 from tuner import yamlio
 from tuner.errors import UserError
+from tuner.loop_switches import LOOP_DEFAULTS, read_loop
 from tuner.nested import flatten, flatten_values, merged
 
+# The storage URL, over the study file's (storage= wins over both): a URL with a password
+# in it stays out of `ps` and the shell's history.
+STORAGE_ENV = "TUNER_STORAGE"
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 DEFAULT_STUDY = "mnist1d_cnn"
 KNOWN_STAGES = ("batch_size", "lr", "optimizer", "architecture", "refine")
@@ -30,12 +36,6 @@ _TOP_KEYS = {
     "name", "objective", "metric", "direction", "storage", "stages", "budget", "sampler",
     "pruner", "search_spaces", "defaults", "loop", "deterministic",
 }  # fmt: skip
-# The closed loop's rules (tuner.refine), each a study-file switch: `loop: {widen: false}`.
-LOOP_DEFAULTS: dict[str, Any] = {
-    "widen": True,  # a best value at a non-natural edge widens its range; the stage goes on
-    "rescore": {"top": 3, "seeds": 2},  # a stage's top trials retrained on other seeds
-    "stagnation": 10,  # a stage stops after this many trials without a new best
-}
 # Study-level keys a ``key=value`` override may set (besides the trial config's keys).
 _STUDY_OVERRIDES = ("storage", "metric", "direction", "objective")
 
@@ -143,6 +143,10 @@ def study_from(data: Any, src: str, default_name: str | None = None) -> StudyCon
     it came from in messages."""
     if not isinstance(data, dict):
         raise UserError(f"{src}: a study file is a mapping of keys, got {type(data).__name__}.")
+    if not set(data) & _TOP_KEYS:  # a file that is no study file: quote none of it
+        raise UserError(
+            f"{src}: not a study file (it has none of the keys {', '.join(sorted(_TOP_KEYS))})."
+        )
     _reject_unknown(data, _TOP_KEYS, src)
     defaults = data.get("defaults")
     if not isinstance(defaults, dict) or not defaults:
@@ -170,7 +174,7 @@ def study_from(data: Any, src: str, default_name: str | None = None) -> StudyCon
         objective=str(data.get("objective", "objectives:train")),
         metric=str(data.get("metric", "accuracy")),
         direction=str(data.get("direction", "maximize")),
-        storage=str(data.get("storage", "sqlite:///tuner.db")),
+        storage=str(os.environ.get(STORAGE_ENV) or data.get("storage", "sqlite:///tuner.db")),
         stages=tuple(stages),
         trials={s: _positive_int(trials.get(s, 10), f"budget.trials.{s}", src) for s in stages},
         timeout=_optional_seconds(budget.get("timeout"), "budget.timeout", src),
@@ -179,12 +183,22 @@ def study_from(data: Any, src: str, default_name: str | None = None) -> StudyCon
         pruner=dict(data.get("pruner") or {"name": "median"}),
         spaces=dict(data.get("search_spaces") or {}),
         defaults=defaults,
-        loop=_loop(data.get("loop"), src),
+        loop=read_loop(data.get("loop"), src),
         deterministic=deterministic,
         samples=None if samples is None else _positive_int(samples, "budget.samples", src),
     )
     check(study)
+    _check_spaces(study)
     return study
+
+
+def _check_spaces(study: StudyConfig) -> None:
+    """Every stage's search space, with the study's changes, holds: the whole file is checked
+    before anything imports its objective (which runs the objective module's code)."""
+    from tuner.plan import load_space  # plan imports this module
+
+    for stage in study.stages:
+        load_space(study, stage)
 
 
 def check(study: StudyConfig) -> None:
@@ -378,33 +392,14 @@ def _did_you_mean(key: str, known: Iterable[str]) -> str:
 def _reject_unknown(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
     for key in data:
         if key not in allowed:
+            if not isinstance(key, str) or not _NAME.fullmatch(key):
+                # Not a key someone typed (a line of some other file, say): not quoted.
+                raise UserError(f"{where}: a key that is not a name; the keys are"
+                                f" {', '.join(sorted(allowed))}.")  # fmt: skip
             raise UserError(f"{where}: unknown key '{key}'{_did_you_mean(str(key), allowed)}.")
 
 
-def _loop(data: Any, src: str) -> dict[str, Any]:
-    """The closed loop's switches: each rule on by default, `false` turns it off."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UserError(f"{src}: loop is a mapping of switches (widen, rescore, stagnation).")
-    _reject_unknown(data, set(LOOP_DEFAULTS), f"{src}: loop")
-    loop = {**LOOP_DEFAULTS, **data}
-    if not isinstance(loop["widen"], bool):
-        raise UserError(f"{src}: loop.widen must be true or false, got {loop['widen']!r}.")
-    rescore = loop["rescore"]
-    if rescore is True:
-        loop["rescore"] = dict(LOOP_DEFAULTS["rescore"])
-    elif rescore is not False:
-        if not isinstance(rescore, dict):
-            raise UserError(f"{src}: loop.rescore is false or {{top: N, seeds: N}}.")
-        _reject_unknown(rescore, {"top", "seeds"}, f"{src}: loop.rescore")
-        rescore = {**LOOP_DEFAULTS["rescore"], **rescore}
-        for key in ("top", "seeds"):
-            _positive_int(rescore[key], f"loop.rescore.{key}", src)
-        loop["rescore"] = rescore
-    if loop["stagnation"] is not False:
-        _positive_int(loop["stagnation"], "loop.stagnation", src)
-    return loop
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 
 
 def _positive_int(value: Any, key: str, src: str) -> int:

@@ -28,12 +28,20 @@ from sqlalchemy.engine import make_url
 from tuner.errors import UserError
 
 DEFAULT_URL = "sqlite:///tuner.db"
-_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/:@\s]*:)(?P<password>[^@\s]*)@", re.I)
+# ``scheme://user:password@host``: the password runs to the ``@`` that a host follows, so
+# one with a space, a ``/`` or a raw ``@`` in it is hidden whole (over-masking is safe).
+_PASSWORD = re.compile(
+    r"(?P<head>[a-z][a-z0-9+.-]*://[^/:@\s]*:)(?P<password>[^\n]*?)@(?=[^@/\s]*(?:[/?\s]|$))",
+    re.I,
+)
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&](?:password|passwd|pwd)=)[^&#\s]*", re.I)
 
 
 def mask(text: str) -> str:
-    """Any ``scheme://user:password@`` in a text with the password replaced by ``***``."""
-    return _PASSWORD.sub(lambda m: f"{m.group('head')}***@", text)
+    """A text with the password of any storage URL in it replaced by ``***``: the one of
+    ``scheme://user:password@host`` and of a ``?password=`` query parameter (libpq's)."""
+    text = _PASSWORD.sub(lambda m: f"{m.group('head')}***@", text)
+    return _QUERY_PASSWORD.sub(lambda m: f"{m.group('head')}***", text)
 
 
 def sqlite_path(url: str) -> Path | None:

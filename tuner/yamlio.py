@@ -48,7 +48,13 @@ def loads(text: str, source: str = "<text>") -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        # PyYAML quotes the text it stopped at ("found undefined alias 'x'"): in a file that
+        # is not YAML at all that may be a secret. A quoted character (a tab) stays.
+        problem = _QUOTED.sub("(text left out)", problem)
         raise UserError(f"{source}{where}: malformed YAML: {problem}.") from None
+
+
+_QUOTED = re.compile(r"'[^'\n]{5,}'|\"[^\"\n]{5,}\"")
 
 
 def load(path: str | Path) -> Any:

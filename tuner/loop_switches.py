@@ -1,0 +1,42 @@
+"""The closed loop's study-file switches (``loop:``, tuner.closed_loop), read and checked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuner.errors import UserError
+
+# The closed loop's rules (tuner.closed_loop), each a study-file switch: `loop: {widen: false}`.
+LOOP_DEFAULTS: dict[str, Any] = {
+    "widen": True,  # a best value at a non-natural edge widens its range; the stage goes on
+    "rescore": {"top": 3, "seeds": 2},  # a stage's top trials retrained on other seeds
+    "stagnation": 10,  # a stage stops after this many trials without a new best
+}
+
+
+def read_loop(data: Any, src: str) -> dict[str, Any]:
+    """The closed loop's switches: each rule on by default, `false` turns it off."""
+    from tuner.config import _positive_int, _reject_unknown  # config imports this module
+
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{src}: loop is a mapping of switches (widen, rescore, stagnation).")
+    _reject_unknown(data, set(LOOP_DEFAULTS), f"{src}: loop")
+    loop = {**LOOP_DEFAULTS, **data}
+    if not isinstance(loop["widen"], bool):
+        raise UserError(f"{src}: loop.widen must be true or false, got {loop['widen']!r}.")
+    rescore = loop["rescore"]
+    if rescore is True:
+        loop["rescore"] = dict(LOOP_DEFAULTS["rescore"])
+    elif rescore is not False:
+        if not isinstance(rescore, dict):
+            raise UserError(f"{src}: loop.rescore is false or {{top: N, seeds: N}}.")
+        _reject_unknown(rescore, {"top", "seeds"}, f"{src}: loop.rescore")
+        rescore = {**LOOP_DEFAULTS["rescore"], **rescore}
+        for key in ("top", "seeds"):
+            _positive_int(rescore[key], f"loop.rescore.{key}", src)
+        loop["rescore"] = rescore
+    if loop["stagnation"] is not False:
+        _positive_int(loop["stagnation"], "loop.stagnation", src)
+    return loop
