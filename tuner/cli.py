@@ -170,8 +170,10 @@ def _export(rest: list[str]) -> int:
     from tuner import export
 
     resolved = _resolve("export", rest)
+    out = str(resolved.options.get("out", "best.yaml"))
+    export.check_out(out)  # before the storage is read
     document = export.best_config(resolved.study, resolved.options.get("stage"))
-    path = export.write(document, str(resolved.options.get("out", "best.yaml")))
+    path = export.write(document, out)
     prov = document["provenance"]
     print(
         f"wrote {path}: stage {prov['stage']} trial #{prov['trial']},"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import html
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner import __version__, export, notes
+from tuner import __version__, export, files, notes
 from tuner import storage as storages
 from tuner.config import StudyConfig
 from tuner.errors import UserError
@@ -61,9 +60,8 @@ def make(study: StudyConfig, out: str | None = None, format: str | None = None) 
         format = "csv" if out is not None and out.lower().endswith(".csv") else "html"
     if format not in FORMATS:
         raise UserError(f"format={format}: the formats are {' and '.join(FORMATS)}.")
-    path = Path(out if out is not None else f"report.{format}")
-    if not path.parent.is_dir():
-        raise UserError(f"out={path}: folder {path.parent} does not exist.")
+    path = files.check_file(out if out is not None else f"report.{format}",
+                            example=f"report.{format}")  # fmt: skip
     stages = load(study)
     _write(
         path, table(study, stages).to_csv(index=False) if format == "csv" else page(study, stages)
@@ -365,14 +363,8 @@ def _fmt(value: Any) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    """Atomically: a half-written report is worse than none. (Not mkstemp: its 0600 mode
-    would keep the file from a web server or a colleague.)"""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Atomically: a half-written report is worse than none."""
+    files.write(path, text)
 
 
 _CSS = """
