@@ -179,3 +179,19 @@ def test_train_on_a_full_disk_is_one_line_and_leaves_no_half_written_file(
     output, listing = done.stdout.split("LISTING:\n")
     assert "epoch   1" in output  # it trained, then the write failed
     assert listing == ""  # no model.pt, no metrics.yaml, no temporary file
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(filled: Path) -> None:
+    # `python -m tuner status | head -1`, made certain: the pipe's read end is closed before
+    # the command writes its first line, so every write meets a closed pipe.
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "tuner", "status", "study=fake.yaml"],
+            cwd=filled, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert done.stderr == ""  # no BrokenPipeError traceback, no "Exception ignored"
+    assert done.returncode == 141  # 128 + SIGPIPE, as a shell reports `yes | head -1`
