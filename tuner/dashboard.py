@@ -66,7 +66,7 @@ def make(
             f"No storage at {storages.mask(study.storage)}: run `python -m tuner run` first"
             " (or pass storage=...)."
         )
-    storage = storages.open_storage(study.storage)
+    storage = storages.open_storage(study.storage, read_only=True)  # may be read-only
     store = artifact_files.store(study.storage, artifacts)
     app = optuna_dashboard.wsgi(storage, artifact_store=store)
     server_class = _IPv6Server if ":" in host else _Server

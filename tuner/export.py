@@ -25,7 +25,7 @@ def best_config(study: StudyConfig, stage: str | None = None) -> dict[str, Any]:
         raise UserError(
             f"Unknown stage '{stage}'; this study's stages: {', '.join(study.stages)}."
         )
-    storage = storages.open_existing(study.storage)
+    storage = storages.open_existing(study.storage, read_only=True)
     candidates = [stage] if stage else list(reversed(study.stages))
     for name in candidates:
         found = storages.load(storage, study.stage_name(name))

@@ -76,7 +76,7 @@ def load(study: StudyConfig) -> list[Stage]:
             f"No storage at {storages.mask(study.storage)}: run `python -m tuner run` first"
             " (or pass storage=...)."
         )
-    storage = storages.open_existing(study.storage)
+    storage = storages.open_existing(study.storage, read_only=True)
     stages = [
         Stage(row, storages.load(storage, study.stage_name(row.stage)))
         for row in collect(study)
