@@ -25,6 +25,7 @@ def check_file(out: str, key: str = "out", example: str = "best.yaml") -> Path:
     """The path of an output file ``key=out``, once it is sure a file can be written there."""
     if not out.strip():
         raise UserError(f"{key}={out}: {key} needs a file name, e.g. {key}={example}.")
+    _check_characters(out, key)
     path = Path(out)
     if path.is_dir():
         raise UserError(f"{key}={out} is a folder; give a file name, e.g. {key}={path / example}.")
@@ -43,6 +44,7 @@ def check_folder(out: str, key: str = "out", example: str = "trained") -> Path:
     """The path of an output folder ``key=out`` (it may not exist yet, then it can be made)."""
     if not out.strip():
         raise UserError(f"{key}={out}: {key} needs a folder name, e.g. {key}={example}.")
+    _check_characters(out, key)
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise UserError(f"{key}={out} is a file; give a folder name, e.g. {key}={example}.")
@@ -53,6 +55,11 @@ def check_folder(out: str, key: str = "out", example: str = "trained") -> Path:
         raise UserError(f"{key}={out}: {existing} is a file, so the folder cannot be made.")
     _probe(existing, key, out)
     return path
+
+
+def _check_characters(out: str, key: str) -> None:
+    if "\x00" in out:
+        raise UserError(f"{key}={out!r}: a path cannot hold a NUL character.")
 
 
 def _probe(folder: Path, key: str, out: str) -> None:
