@@ -40,6 +40,6 @@ def tree(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` (hidden ones too) and the hash of its bytes."""
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        if p.is_file() else "folder"
+        if p.is_file() else oct(p.stat().st_mode)
         for p in sorted(folder.rglob("*"))
     }  # fmt: skip

@@ -1,7 +1,7 @@
 """Every mistake a user can make is one line and exit status 2, with the storage untouched;
 and a password in a storage URL never shows, in any output or file."""
 
-import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from tests import fake_study
+from tests.fs import tree
 from tuner.cli import main
 from tuner.config import STUDIES_DIR
 
@@ -172,7 +173,8 @@ OPTION_CASES = {
         (["out=."], "out=. is a folder"),
         (["out=/proc/best.yaml"], "out=/proc/best.yaml: cannot write in folder /proc"),
         (["out=nowhere/best.yaml"], "folder nowhere does not exist"),
-        (["out=/dev/null"], "out=/dev/null is not a regular file"),
+        (["out=../db/fifo"], "out=../db/fifo is not a regular file"),  # (not /dev/null: a
+        # code without the check renames its temporary file over the target, device or not)
         (["out=a\x00b"], "a path cannot hold a NUL character"),
         (["stag=lr"], "Unknown config key: stag (did you mean stage?)"),
         (["stage=warmup"], "Unknown stage 'warmup'; this study's stages: lr"),
@@ -238,19 +240,13 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def copied(finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A copy of that folder, and the cwd in an empty folder beside it; the storage URL."""
+    """A copy of that folder (and a FIFO in it), and the cwd in an empty folder beside it;
+    the storage URL."""
     shutil.copytree(finished, tmp_path / "db")
+    os.mkfifo(tmp_path / "db" / "fifo")
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
     return f"sqlite:///{tmp_path}/db/tuner.db"
-
-
-def folder_hash(folder: Path) -> dict[str, str]:
-    """Every file under a folder, hidden ones too, and the hash of its bytes."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*")) if p.is_file()
-    }  # fmt: skip
 
 
 @pytest.mark.parametrize(("command", "index"), OPTION_IDS, ids=[f"{c}-{i}" for c, i in OPTION_IDS])
@@ -260,7 +256,7 @@ def test_every_option_of_every_other_command_is_one_line_exit_2_and_nothing_writ
     filled = copied
     given_, message = [*OPTION_CASES[command], *COMMON][index]
     storage_folder = Path(filled.removeprefix("sqlite:///")).parent
-    before = folder_hash(storage_folder)
+    before = tree(storage_folder)
     given_keys = {a.split("=", 1)[0] for a in given_}
     base = {"study": str(storage_folder / "fake.yaml"), "storage": filled}
     args = [*given_, *(f"{k}={v}" for k, v in base.items() if k not in given_keys)]
@@ -269,7 +265,7 @@ def test_every_option_of_every_other_command_is_one_line_exit_2_and_nothing_writ
     assert code == 2, (args, err)
     assert err.startswith("tuner: ") and err.count("\n") == 1, err  # one line, no traceback
     assert message in err, err
-    assert folder_hash(storage_folder) == before  # the storage and its folder: untouched
+    assert tree(storage_folder) == before  # the storage and its folder: untouched
     assert list(Path.cwd().iterdir()) == []  # nothing written where the command ran
 
 
@@ -313,7 +309,7 @@ def test_random_options_of_the_reading_commands_are_a_result_or_one_line(
     monkeypatch.chdir(folder)
     storage_folder = Path(copied.removeprefix("sqlite:///")).parent
     stored = snapshot(copied)  # (which opens it: SQLite may change its -shm file)
-    before = folder_hash(storage_folder)
+    before = tree(storage_folder)
     base = [f"study={storage_folder / 'fake.yaml'}", f"storage={copied}"]
     args = [command, *(f"{k}={v}" for k, v in pairs.items()), *base]
     code = main(args)
@@ -326,4 +322,4 @@ def test_random_options_of_the_reading_commands_are_a_result_or_one_line(
         assert code == 2, (args, err)
         assert err.startswith("tuner: ") and err.count("\n") == 1, (args, err)
         assert list(folder.iterdir()) == [], args
-        assert folder_hash(storage_folder) == before, args  # refused before it was opened
+        assert tree(storage_folder) == before, args  # refused before it was opened

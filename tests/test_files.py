@@ -30,12 +30,14 @@ def filled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def bad_outs(folder: Path) -> dict[str, tuple[str, str]]:
     """out= values that cannot be written, and what the one line says about each."""
     (folder / "sub").mkdir()
+    os.mkfifo(folder / "fifo")
     return {
         "empty": ("", "needs a file name"),
         "this folder": (".", "is a folder"),
         "a folder": (str(folder / "sub"), "is a folder"),
         "in /proc": ("/proc/x", "cannot write in folder /proc"),
-        "a device": ("/dev/null", "is not a regular file"),
+        # A FIFO, not /dev/null: a code without the check renames over the target.
+        "a FIFO": (str(folder / "fifo"), "is not a regular file"),
         "no such folder": ("nowhere/x.out", "folder nowhere does not exist"),
         "below a file": ("fake.yaml/x.out", "fake.yaml is a file"),
         "unwritable folder": (str(folder / "locked" / "x.out"), "cannot write in folder"),
