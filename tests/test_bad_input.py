@@ -1,17 +1,20 @@
 """Every mistake a user can make is one line and exit status 2, with the storage untouched;
 and a password in a storage URL never shows, in any output or file."""
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import optuna
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from tests import fake_study
+from tests.fs import tree
 from tuner.cli import main
 from tuner.config import STUDIES_DIR
 
@@ -158,3 +161,165 @@ def test_no_password_in_any_output_export_note_or_report(
     for text in [*outputs, *files, database_text(postgres_url)]:
         assert secret not in text
     assert re.search(r"validation accuracy", outputs[2])  # the export did run
+
+
+# --- every option of export, report, status, dashboard and check -------------------------
+# (run's and train's options are above and in test_cli.py.) Each case: one line, exit 2,
+# and the storage's folder and the current folder unchanged, byte for byte.
+OPTION_CASES = {
+    "export": [
+        (["outt=best.yaml"], "Unknown config key: outt (did you mean out?)"),
+        (["out="], "out=: out needs a file name"),
+        (["out=."], "out=. is a folder"),
+        (["out=/proc/best.yaml"], "out=/proc/best.yaml: cannot write in folder /proc"),
+        (["out=nowhere/best.yaml"], "folder nowhere does not exist"),
+        (["out=../db/fifo"], "out=../db/fifo is not a regular file"),  # (not /dev/null: a
+        # code without the check renames its temporary file over the target, device or not)
+        (["out=a\x00b"], "a path cannot hold a NUL character"),
+        (["stag=lr"], "Unknown config key: stag (did you mean stage?)"),
+        (["stage=warmup"], "Unknown stage 'warmup'; this study's stages: lr"),
+        (["stage="], "Unknown stage ''"),
+    ],
+    "report": [
+        (["outt=report.html"], "Unknown config key: outt (did you mean out?)"),
+        (["out="], "out=: out needs a file name, e.g. out=report.html"),
+        (["out=.", "format=csv"], "out=. is a folder; give a file name, e.g. out=report.csv"),
+        (["out=/proc/report.html"], "cannot write in folder /proc"),
+        (["out=nowhere/report.html"], "folder nowhere does not exist"),
+        (["formatt=csv"], "Unknown config key: formatt (did you mean format?)"),
+        (["format=pdf"], "format=pdf: the formats are html and csv"),
+        (["format="], "format=: the formats are html and csv"),
+    ],
+    "status": [
+        (["stage=lr"], "Unknown config key: stage"),
+        (["storage=://nothing"], "storage=://nothing is not a database URL"),
+    ],
+    "dashboard": [
+        (["prot=8080"], "Unknown config key: prot (did you mean port?)"),
+        (["port=abc"], "port=abc: port must be an integer"),
+        (["port=70000"], "port=70000: a port is a number from 1 to 65535"),
+        (["port=-1"], "port=-1: a port is a number from 1 to 65535"),
+        (["hots=127.0.0.1"], "Unknown config key: hots (did you mean host?)"),
+        (["host="], "host=: an empty host listens on every address"),
+        (["host=999.1.1.1", "port=0"], "Cannot listen on 999.1.1.1:0"),
+        (["artifact=x"], "Unknown config key: artifact (did you mean artifacts?)"),
+        (["artifacts="], "artifacts=: give the artifact folder"),
+        (["artifacts=nowhere"], "artifacts=nowhere: no such folder"),
+        (["artifacts=../db/fake.yaml"], "artifacts=../db/fake.yaml is a file"),
+    ],
+    "check": [
+        (["thread=2"], "Unknown config key: thread (did you mean threads?)"),
+        (["threads=0"], "threads=0: threads must be at least 1"),
+        (["threads=abc"], "threads=abc: threads must be an integer"),
+        (["threads="], "threads=: threads must be an integer"),
+        (["epochs=many"], "epochs=many: epochs must be an integer"),
+        (["lrr=1"], "Unknown config key: lrr (did you mean lr?)"),
+    ],
+}
+COMMON = [
+    (["storag=sqlite:///other.db"], "Unknown config key: storag (did you mean storage?)"),
+    (["study=nowhere/study.yaml"], "does not exist"),
+]
+OPTION_IDS = [
+    (command, i)
+    for command, cases in OPTION_CASES.items()
+    for i in range(len(cases) + len(COMMON))
+]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with a finished fake stage in it (tuner.db), made once for the cases below."""
+    folder = tmp_path_factory.mktemp("finished")
+    fake_study.write(folder, trials=2, epochs=1, sleep=0.0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        assert main(["run", "study=fake.yaml"]) == 0
+    return folder
+
+
+@pytest.fixture()
+def copied(finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A copy of that folder (and a FIFO in it), and the cwd in an empty folder beside it;
+    the storage URL."""
+    shutil.copytree(finished, tmp_path / "db")
+    os.mkfifo(tmp_path / "db" / "fifo")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    return f"sqlite:///{tmp_path}/db/tuner.db"
+
+
+@pytest.mark.parametrize(("command", "index"), OPTION_IDS, ids=[f"{c}-{i}" for c, i in OPTION_IDS])
+def test_every_option_of_every_other_command_is_one_line_exit_2_and_nothing_written(
+    command: str, index: int, copied: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    filled = copied
+    given_, message = [*OPTION_CASES[command], *COMMON][index]
+    storage_folder = Path(filled.removeprefix("sqlite:///")).parent
+    before = tree(storage_folder)
+    given_keys = {a.split("=", 1)[0] for a in given_}
+    base = {"study": str(storage_folder / "fake.yaml"), "storage": filled}
+    args = [*given_, *(f"{k}={v}" for k, v in base.items() if k not in given_keys)]
+    code = main([command, *args])
+    err = capsys.readouterr().err
+    assert code == 2, (args, err)
+    assert err.startswith("tuner: ") and err.count("\n") == 1, err  # one line, no traceback
+    assert message in err, err
+    assert tree(storage_folder) == before  # the storage and its folder: untouched
+    assert list(Path.cwd().iterdir()) == []  # nothing written where the command ran
+
+
+def test_the_other_commands_run_with_the_cases_base_arguments(
+    copied: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    filled = copied
+    # The cases above fail for the reason they name: without the mistake, each command works.
+    study = f"study={Path(filled.removeprefix('sqlite:///')).parent / 'fake.yaml'}"
+    for args in (["status"], ["export", "out=best.yaml"], ["report", "out=report.csv"]):
+        assert main([*args, study, f"storage={filled}"]) == 0, capsys.readouterr().err
+
+
+READING_KEYS = {"export": ["out", "stage"], "report": ["out", "format"], "status": []}
+PATHS = ["", ".", " ", "a\x00b", "nowhere/x.yaml", "r.csv", "best.yaml", "csv", "html", "lr"]
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(
+    command=st.sampled_from(sorted(READING_KEYS)),
+    pairs=st.dictionaries(
+        st.one_of(key, st.sampled_from(["out", "stage", "format"])).filter(
+            lambda k: k not in NEEDED and "=" not in k
+        ),
+        st.one_of(value, st.sampled_from(PATHS)), max_size=3,
+    ),
+)  # fmt: skip
+@example(command="export", pairs={"out": ""})
+@example(command="report", pairs={"out": "."})
+def test_random_options_of_the_reading_commands_are_a_result_or_one_line(
+    command: str, pairs: dict[str, str], copied: str, tmp_path_factory: pytest.TempPathFactory,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    # export, report and status on a real storage, with any options: a result (exit 0,
+    # nothing on stderr, at most the out= file written) or one line and exit 2 (nothing
+    # written); never a traceback, and the storage's folder is never changed.
+    out = pairs.get("out", "")
+    assume(not out.startswith(("/", "~")) and ".." not in out)  # stay in the test's folder
+    folder = tmp_path_factory.mktemp("random")
+    monkeypatch.chdir(folder)
+    storage_folder = Path(copied.removeprefix("sqlite:///")).parent
+    stored = snapshot(copied)  # (which opens it: SQLite may change its -shm file)
+    before = tree(storage_folder)
+    base = [f"study={storage_folder / 'fake.yaml'}", f"storage={copied}"]
+    args = [command, *(f"{k}={v}" for k, v in pairs.items()), *base]
+    code = main(args)
+    err = capsys.readouterr().err
+    if code == 0:
+        assert err == "", (args, err)
+        assert len(list(folder.iterdir())) == (command != "status"), args
+        assert snapshot(copied) == stored  # read: SQLite may have moved its WAL into the file
+    else:
+        assert code == 2, (args, err)
+        assert err.startswith("tuner: ") and err.count("\n") == 1, (args, err)
+        assert list(folder.iterdir()) == [], args
+        assert tree(storage_folder) == before, args  # refused before it was opened

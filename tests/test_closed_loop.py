@@ -205,7 +205,8 @@ def test_a_stage_stagnates_after_n_trials_without_a_new_best() -> None:
 
 
 def test_the_loop_switches_are_checked(tmp_path: Path) -> None:
-    base = {"stages": ["lr"], "defaults": {"lr": 1e-3, "epochs": 1}}
+    base = {"stages": ["lr"], "defaults": {"lr": 1e-3, "epochs": 1},
+            "search_spaces": {"lr": {"schedule": None, "warmup": None}}}  # fmt: skip
     assert tuner.load({**base, "loop": {"widen": False}}).loop["widen"] is False
     assert tuner.load({**base, "loop": {"rescore": {"top": 2}}}).loop["rescore"] == {
         "top": 2, "seeds": 2}  # fmt: skip

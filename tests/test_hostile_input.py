@@ -354,6 +354,7 @@ def test_the_dashboards_lines_escape_a_path_with_escape_sequences(
     url = f"sqlite:///{tmp_path}/e{ESC}.db"
     optuna.create_study(study_name="digits_mlp/batch_size", storage=url)
     folder = tmp_path / f"a{ESC}"
+    folder.mkdir()  # artifacts= must name a folder that exists
     assert main(["dashboard", f"storage={url}", "port=0", f"artifacts={folder}"]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\u202e" not in out

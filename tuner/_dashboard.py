@@ -12,6 +12,7 @@ import socket
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -56,7 +57,8 @@ def check_host(host: str) -> None:
     if not host.strip():
         raise UserError(
             f"host={host}: an empty host listens on every address (0.0.0.0), and the dashboard"
-            " has no authentication; leave host= out for 127.0.0.1, or name the address."
+            " has no authentication; give an address to listen on: leave host= out for"
+            " 127.0.0.1 (this machine only), or name the address."
         )
 
 
@@ -69,24 +71,58 @@ def check_port(port: int) -> None:
 def make(
     study: StudyConfig, host: str = "127.0.0.1", port: int = 8080, artifacts: str | None = None
 ) -> WSGIServer:
-    """A dashboard server on the study's storage, bound and ready to ``serve_forever``."""
+    """A dashboard server on the study's storage, bound and ready to ``serve_forever``.
+
+    Every option is checked, and the address bound, before the storage is opened.
+    """
     check_host(host)
     check_port(port)
+    if artifacts is not None:
+        _check_artifacts(artifacts)
     if not storages.exists(study.storage):
         raise UserError(
             f"No storage at {storages.mask(study.storage)}: run `python -m tuner run` first"
             " (or pass storage=...)."
         )
-    storage = storages.open_storage(study.storage)
-    store = artifact_files.store(study.storage, artifacts)
-    app = optuna_dashboard.wsgi(storage, artifact_store=store)
     server_class = _IPv6Server if ":" in host else _Server
     try:
-        return make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
-    except OSError as exc:
-        hint = "try another port=" if exc.errno == errno.EADDRINUSE else "check host="
-        reason = exc.strerror or str(exc)
+        server = make_server(
+            host, port, _not_ready, server_class=server_class, handler_class=_QuietHandler
+        )
+    except (OSError, UnicodeError) as exc:
+        busy = isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE
+        hint = "try another port=" if busy else "check host="
+        reason = getattr(exc, "strerror", None) or str(exc)
         raise UserError(f"Cannot listen on {host}:{port}: {reason} ({hint}).") from None
+    try:
+        storage = storages.open_storage(study.storage, read_only=True)  # may be read-only
+        store = artifact_files.store(study.storage, artifacts)
+    except BaseException:
+        server.server_close()
+        raise
+    server.set_app(optuna_dashboard.wsgi(storage, artifact_store=store))
+    return server
+
+
+def _check_artifacts(artifacts: str) -> None:
+    path = Path(artifacts)
+    if not artifacts.strip():
+        raise UserError(
+            "artifacts=: give the artifact folder, e.g. artifacts=tuner_artifacts (the"
+            " default: tuner_artifacts/ beside the SQLite file)."
+        )
+    if path.exists() and not path.is_dir():
+        raise UserError(f"artifacts={artifacts} is a file; give the artifact folder.")
+    if not path.is_dir():
+        raise UserError(
+            f"artifacts={artifacts}: no such folder (the default: tuner_artifacts/ beside the"
+            " SQLite file)."
+        )
+
+
+def _not_ready(_environ: Any, start_response: Any) -> list[bytes]:
+    start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+    return [b"starting"]
 
 
 def serve(

@@ -8,12 +8,10 @@ each tuned value came from, the tuner version and the date.
 from __future__ import annotations
 
 import datetime as dt
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from tuner import __version__, yamlio
+from tuner import __version__, files, yamlio
 from tuner import storage as storages
 from tuner.config import StudyConfig
 from tuner.errors import UserError
@@ -24,11 +22,11 @@ from tuner.results import best_trial
 
 def best_config(study: StudyConfig, stage: str | None = None) -> dict[str, Any]:
     """The export document of the last stage with a finished trial (or of ``stage``)."""
-    storage = storages.open_existing(study.storage)
     if stage is not None and stage not in study.stages:
         raise UserError(
             f"Unknown stage '{stage}'; this study's stages: {', '.join(study.stages)}."
         )
+    storage = storages.open_existing(study.storage, read_only=True)
     candidates = [stage] if stage else list(reversed(study.stages))
     for name in candidates:
         found = storages.load(storage, study.stage_name(name))
@@ -109,20 +107,14 @@ def render(document: dict[str, Any]) -> str:
     return header + yamlio.dumps(document)
 
 
+def check_out(out: str) -> Path:
+    """The export's path, checked before any work: one line where it cannot be written."""
+    return files.check_file(out, example="best.yaml")
+
+
 def write(document: dict[str, Any], out: str) -> Path:
     """Write the export atomically (a half-written config is worse than none)."""
-    path = Path(out)
-    if not path.parent.is_dir():
-        raise UserError(f"out={out}: folder {path.parent} does not exist.")
-    text = render(document)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; an export is an ordinary file
-    os.replace(tmp, path)
-    return path
+    return files.write(check_out(out), render(document))
 
 
 def read(path: str) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import html
 import math
-import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner import __version__, notes
+from tuner import __version__, files, notes
 from tuner import _export as export
 from tuner import storage as storages
 from tuner._status import StageStatus, collect
@@ -64,9 +63,8 @@ def make(study: StudyConfig, out: str | None = None, format: str | None = None) 
         format = "csv" if out is not None and out.lower().endswith(".csv") else "html"
     if format not in FORMATS:
         raise UserError(f"format={format}: the formats are {' and '.join(FORMATS)}.")
-    path = Path(out if out is not None else f"report.{format}")
-    if not path.parent.is_dir():
-        raise UserError(f"out={path}: folder {path.parent} does not exist.")
+    path = files.check_file(out if out is not None else f"report.{format}",
+                            example=f"report.{format}")  # fmt: skip
     stages = load(study)
     # CRLF rows (RFC 4180): a cell with a CR in it is quoted, not split into two rows.
     text = (
@@ -85,7 +83,7 @@ def load(study: StudyConfig) -> list[Stage]:
             f"No storage at {storages.mask(study.storage)}: run `python -m tuner run` first"
             " (or pass storage=...)."
         )
-    storage = storages.open_existing(study.storage)
+    storage = storages.open_existing(study.storage, read_only=True)
     stages = [
         Stage(row, storages.load(storage, study.stage_name(row.stage)))
         for row in collect(study)
@@ -388,14 +386,8 @@ def _fmt(value: Any) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    """Atomically: a half-written report is worse than none. (Not mkstemp: its 0600 mode
-    would keep the file from a web server or a colleague.)"""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Atomically: a half-written report is worse than none."""
+    files.write(path, text)
 
 
 _CSS = """

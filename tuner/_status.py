@@ -44,7 +44,7 @@ class StageStatus:
 
 def collect(study: StudyConfig) -> list[StageStatus]:
     """The status of every stage of a study (nothing is created in the storage)."""
-    storage = storages.open_existing(study.storage)
+    storage = storages.open_existing(study.storage, read_only=True)
     best = best_of(storage, study)
     rows = []
     for stage in study.stages:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tuner import yamlio
+from tuner import files, yamlio
 from tuner.config import coerce_override
 from tuner.errors import UserError
 from tuner.nested import flatten, merged
@@ -39,6 +39,7 @@ def train(
     """
     if repeats < 1:
         raise UserError(f"repeats={repeats}: repeats must be at least 1.")
+    folder = files.check_folder(out)  # before the training, not after it
     fn = load_objective(str(document["objective"]))
     if not accepts_test(fn):
         raise UserError(
@@ -48,9 +49,6 @@ def train(
     flat = flatten(document["config"])
     changes = {key: coerce_override(key, text, flat) for key, text in pairs.items()}
     config = merged(document["config"], changes)
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"out={out} is a file; train writes a folder (model.pt, metrics.yaml).")
     metric = str(document.get("metric", "accuracy"))
 
     def report(epoch: int, metrics: Mapping[str, float]) -> None:
@@ -65,7 +63,10 @@ def train(
         results.append(fn(merged(config, {"seed": seed}) if repeats > 1 else config, report,
                           test=True))  # fmt: skip
     result = results[0]
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"out={out}: cannot make folder {folder} ({exc.strerror}).") from None
     saved = _save_model(result.get("model"), folder / "model.pt")
     tuned = (document.get("provenance") or {}).get("value")
     summary = {
@@ -79,7 +80,7 @@ def train(
     spread = _spread(results, seeds) if repeats > 1 else None
     if spread is not None:
         summary["repeats"] = spread
-    (folder / "metrics.yaml").write_text(yamlio.dumps(summary), encoding="utf-8")
+    files.write(folder / "metrics.yaml", yamlio.dumps(summary))
     value, test_value = result.get(metric), (result.get("test") or {}).get(metric)
     print_(
         f"validation {metric} {_fmt(value)} (tuned: {_fmt(tuned)});"
@@ -135,8 +136,8 @@ def _save_model(model: Any, path: Path) -> Path | None:
         return None
     import torch  # only here: an objective need not be a torch model
 
-    torch.save(model.state_dict(), path)
-    return path
+    state = model.state_dict()
+    return files.write(path, lambda handle: torch.save(state, handle))
 
 
 def _numbers(result: Mapping[str, Any]) -> dict[str, Any]:

@@ -207,6 +207,7 @@ def export(study: StudyConfig, out: str | Path = "best.yaml", stage: str | None 
     """Write ``best_config`` as YAML to ``out``; return its path."""
     from tuner import _export as export_
 
+    export_.check_out(str(out))  # before the storage is read
     return export_.write(best_config(study, stage), str(out))
 
 

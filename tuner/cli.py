@@ -9,6 +9,7 @@ holds.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -56,6 +57,7 @@ examples:
   python -m tuner report out=report.html
 """
 
+BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader left
 DEFAULT_THREADS = 1  # torch threads per process: several workers share 2 cores, and
 # tuning and `train` must run alike for the tuned validation value to come back exactly
 OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -99,7 +101,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command not in handlers:
             raise UserError(f"Unknown command '{command}'; commands: {', '.join(handlers)}.")
-        return handlers[command](rest)
+        code = handlers[command](rest)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit as a traceback
+        return code
+    except BrokenPipeError:
+        # The reader left (`status | head -1`): stop quietly, as a killed-by-SIGPIPE tool
+        # does. Later writes, the interpreter's last flush among them, go to /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE
     except (UserError, StageFailed, CheckFailed) as exc:
         print(f"tuner: {_one_line(storages.mask(str(exc)))}", file=sys.stderr)
         return exc.exit_code

@@ -25,6 +25,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 
+from tuner import sqlite
 from tuner.errors import UserError
 
 DEFAULT_URL = "sqlite:///tuner.db"
@@ -64,9 +65,14 @@ MAX_RETRY = 2  # retries of one trial whose worker died
 CREATE_ATTEMPTS = 5  # tries to open a database whose tables another worker is creating
 
 
-def open_storage(url: str, heartbeat: float | None = None) -> optuna.storages.BaseStorage:
+def open_storage(
+    url: str, heartbeat: float | None = None, *, read_only: bool = False
+) -> optuna.storages.BaseStorage:
     """Open (and, for SQLite, create) a storage; a bad URL or a server that cannot be reached
     is a UserError naming the URL with its password masked.
+
+    A SQLite file this user cannot write (or in a folder they cannot write) is opened
+    read-only where ``read_only`` says the command only reads, else refused.
 
     With ``heartbeat`` (seconds), running trials send heartbeats; the trials of a worker that
     died (no heartbeat for MISSED_HEARTBEATS beats) are failed and retried with the same
@@ -78,8 +84,17 @@ def open_storage(url: str, heartbeat: float | None = None) -> optuna.storages.Ba
     if path is not None:
         if not path.parent.is_dir():
             raise UserError(f"storage={mask(url)}: folder {path.parent} does not exist.")
-        # Writers wait for each other instead of failing with "database is locked".
-        kwargs["connect_args"] = {"timeout": 60}
+        # Writers wait for each other instead of failing with "database is locked", and
+        # say so when the wait is long (tuner/sqlite.py).
+        kwargs["connect_args"] = sqlite.connect_args()
+        if path.exists() and not sqlite.writable(path):
+            if not read_only:
+                raise UserError(
+                    f"storage={mask(url)}: this user cannot write {path} (or make files in"
+                    " its folder); status, export and report can read it, run needs a copy"
+                    " that can be written."
+                )
+            kwargs["creator"] = sqlite.read_only_creator(path)
     elif parsed.drivername.startswith("postgresql"):
         kwargs["connect_args"] = {"connect_timeout": 10}
     if not parsed.drivername.startswith("sqlite"):
@@ -100,8 +115,8 @@ def open_storage(url: str, heartbeat: float | None = None) -> optuna.storages.Ba
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
         reason = mask(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         raise UserError(f"Cannot open storage {mask(url)}: {reason}") from None
-    if path is not None:
-        _tune_sqlite(storage.engine)
+    if path is not None and "creator" not in kwargs:
+        sqlite.tune(storage.engine)
     return storage
 
 
@@ -134,21 +149,6 @@ def _create(
                 raise
             time.sleep(0.2 * (attempt + 1) + random.random() * 0.2)
     raise AssertionError("unreachable")
-
-
-def _tune_sqlite(engine: sqlalchemy.engine.Engine) -> None:
-    """WAL lets readers (status, the dashboard) run beside a writer, and with
-    synchronous=NORMAL a commit no longer waits for the disk: 3.7x less time per trial
-    here (tests/benchmarks/bench_storage.py). A crash keeps the database consistent."""
-
-    def on_connect(connection: Any, _record: Any) -> None:
-        cursor = connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-
-    sqlalchemy.event.listen(engine, "connect", on_connect)
-    engine.dispose()  # connections made while creating the tables predate the listener
 
 
 def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
@@ -375,9 +375,11 @@ def _rdb(storage: optuna.storages.BaseStorage | None) -> optuna.storages.RDBStor
     return backend if isinstance(backend, optuna.storages.RDBStorage) else None
 
 
-def open_existing(url: str, heartbeat: float | None = None) -> optuna.storages.BaseStorage | None:
+def open_existing(
+    url: str, heartbeat: float | None = None, *, read_only: bool = False
+) -> optuna.storages.BaseStorage | None:
     """The storage if it may hold studies; None (and nothing created) for a missing file."""
-    return open_storage(url, heartbeat) if exists(url) else None
+    return open_storage(url, heartbeat, read_only=read_only) if exists(url) else None
 
 
 def load(storage: optuna.storages.BaseStorage | None, name: str) -> optuna.Study | None:
