@@ -5,17 +5,18 @@ commands side by side draw their own trials; a dead trial shows as stale."""
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.trial import TrialState
 
 from tests import fake_study
 from tests.test_scale import finished, start, trials, wait_for
+from tuner import status
+from tuner import storage as storages
+from tuner.stage import Budget, start_stage, work
 
 LEFT = (TrialState.WAITING, TrialState.RUNNING)
 
@@ -49,7 +50,7 @@ def test_a_killed_worker_is_replaced_and_its_trial_runs_again(
     wait_for(lambda: running_in(storage, run.pid, other=True))
     (victim,) = running_in(storage, run.pid, other=True)
     os.kill(victim.user_attrs["pid"], signal.SIGKILL)  # mid-trial, no chance to clean up
-    out, err = run.communicate(timeout=240)
+    _, err = run.communicate(timeout=240)
     assert run.returncode == 0, err
     assert "Traceback" not in err
     after = trials(storage)
@@ -62,3 +63,129 @@ def test_a_killed_worker_is_replaced_and_its_trial_runs_again(
     assert [t.state for t in again] == [TrialState.COMPLETE]
     assert again[0].params == victim.params  # run again as it was
     assert "ended with exit status -9; a new worker takes its place" in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupt_of_the_run_alone_interrupts_every_worker(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    fake_study.write(tmp_path, trials=12, epochs=6, sleep=0.5)
+    storage = f"sqlite:///{tmp_path}/tuner.db"
+    run = start(tmp_path, "workers=2")
+    wait_for(lambda: running_in(storage, run.pid) and running_in(storage, run.pid, other=True))
+    cut = {t.number for t in trials(storage) if t.state == TrialState.RUNNING}
+    os.kill(run.pid, sig)  # the run's PID alone, as Kubernetes and systemd send it
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert "Traceback" not in err
+    after = trials(storage)
+    assert not [t for t in after if t.state == TrialState.RUNNING]
+    for trial in after:
+        if trial.number in cut:  # the worker's trial too, not only the run's
+            assert trial.state == TrialState.FAIL
+            assert trial.user_attrs["stop_reason"] == "interrupted"
+    assert len(finished(storage)) < 12  # the worker did not go on with the stage
+
+
+def test_the_workers_of_a_killed_run_stop_and_mark_their_trial(tmp_path: Path) -> None:
+    fake_study.write(tmp_path, trials=12, epochs=6, sleep=0.5)
+    storage = f"sqlite:///{tmp_path}/tuner.db"
+    run = start(tmp_path, "workers=2")
+    wait_for(lambda: running_in(storage, run.pid, other=True))
+    (orphaned,) = running_in(storage, run.pid, other=True)
+    worker = orphaned.user_attrs["pid"]
+    run.kill()
+    _, err = run.communicate(timeout=60)  # the worker holds the pipes until it ends too
+    wait_for(lambda: not alive(worker))
+    assert "Traceback" not in err
+    mine = [t for t in trials(storage) if t.user_attrs.get("pid") == worker]
+    ended = next(t for t in mine if t.number == orphaned.number)
+    assert ended.state == TrialState.FAIL and ended.user_attrs["stop_reason"] == "interrupted"
+    assert max(t.number for t in mine) == orphaned.number  # it started no trial after
+
+
+# --- what runs after a cut-off trial, decided in one process (fake objectives) ---------------
+
+
+def grid_stage(tmp_path: Path):
+    """The default study's batch-size stage (a grid of 4 sizes: 64, then 32, 128, 256)."""
+    from tuner.config import apply_overrides, load_study
+    from tuner.plan import plan_stage
+    from tuner.results import best_of
+
+    study = apply_overrides(load_study(), {"storage": f"sqlite:///{tmp_path}/t.db"}, {}).study
+    storage = storages.open_storage(study.storage, heartbeat=1)
+    return study, plan_stage(study, "batch_size", best_of(storage, study)), storage
+
+
+def test_a_cut_off_grid_point_runs_again_before_the_rest_of_the_grid(tmp_path: Path) -> None:
+    study, plan, storage = grid_stage(tmp_path)
+    budget, lines = Budget(2, None), []
+
+    def cut_at_32(config, report):
+        if config["batch_size"] == 32:
+            raise KeyboardInterrupt  # as SIGINT or SIGTERM mid-trial
+        return {"accuracy": config["batch_size"] / 1000}
+
+    start_stage(plan, storage, budget, out=lines.append)
+    assert "its grid has 4 points and the stage 2 trials: the first 2 run" in lines[-1]
+    with pytest.raises(KeyboardInterrupt):
+        work(plan, storage, cut_at_32, budget, out=lines.append)
+    found = optuna.load_study(study_name=plan.name, storage=storage)
+    cut = next(t for t in found.trials if t.state == TrialState.FAIL)
+    assert "the next run runs 1 cut-off trial(s) again first:" in status.render(
+        study, status.collect(study)
+    )
+
+    lines.clear()
+    start_stage(plan, storage, budget, out=lines.append)
+    assert f"runs 1 cut-off trial(s) again first: #{cut.number} (interrupted" in lines[-1]
+    work(plan, storage, lambda c, r: {"accuracy": c["batch_size"] / 1000}, budget,
+         out=lines.append)  # fmt: skip
+    after = found.trials
+    done = [t for t in after if t.state == TrialState.COMPLETE]
+    # The size the interrupt cut off ran, once, before the grid's next sizes.
+    assert sorted(t.params["batch_size"] for t in done) == [32, 64]
+    assert [t.user_attrs.get("retry_of") for t in done] == [None, cut.number]
+    assert not [t for t in after if t.state in LEFT]  # nothing left queued at the end
+    assert "cut-off" not in status.render(study, status.collect(study))
+
+
+def test_a_stale_running_trial_shows_as_stale(tmp_path: Path) -> None:
+    study, plan, storage = grid_stage(tmp_path)
+    start_stage(plan, storage, Budget(4, None), out=lambda line: None)
+    found = optuna.load_study(study_name=plan.name, storage=storage)
+    trial = found.ask()  # a trial whose worker was killed: it beat once, long ago
+    storage.record_heartbeat(trial._trial_id)
+    rdb = storages._rdb(storage)
+    with rdb.engine.begin() as connection:
+        connection.execute(
+            sqlalchemy.text("UPDATE trial_heartbeats SET heartbeat = '2026-01-02 03:04:05'")
+        )
+    text = status.render(study, status.collect(study))
+    assert "running now" not in text
+    assert f"trial #{trial.number} is stale: no heartbeat for " in text
+    assert "(last 2026-01-02 03:04:05); its worker stopped" in text
+
+
+def test_the_next_run_runs_an_interrupted_trial_again_before_new_ones(tmp_path: Path) -> None:
+    fake_study.write(tmp_path, trials=3, epochs=3, sleep=0.3)
+    storage = f"sqlite:///{tmp_path}/tuner.db"
+    run = start(tmp_path)
+    wait_for(lambda: len(finished(storage)) >= 1 and any(
+        t.state == TrialState.RUNNING for t in trials(storage)))  # fmt: skip
+    run.send_signal(signal.SIGTERM)
+    run.communicate(timeout=60)
+    assert run.returncode == 130
+    (cut,) = [t for t in trials(storage) if t.state == TrialState.FAIL]
+    before = max(t.number for t in trials(storage))
+
+    again = start(tmp_path)
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0, err
+    assert f"runs 1 cut-off trial(s) again first: #{cut.number} (interrupted" in out
+    after = trials(storage)
+    rerun = next(t for t in after if t.number == before + 1)  # the first trial of this run
+    assert rerun.params == cut.params and rerun.user_attrs["retry_of"] == cut.number
+    assert rerun.state == TrialState.COMPLETE
+    assert len(finished(storage)) == 3 and not [t for t in after if t.state in LEFT]
