@@ -189,3 +189,16 @@ def test_the_next_run_runs_an_interrupted_trial_again_before_new_ones(tmp_path: 
     assert rerun.params == cut.params and rerun.user_attrs["retry_of"] == cut.number
     assert rerun.state == TrialState.COMPLETE
     assert len(finished(storage)) == 3 and not [t for t in after if t.state in LEFT]
+
+
+def test_commands_side_by_side_draw_their_own_trials(tmp_path: Path, postgres_url: str) -> None:
+    fake_study.write(tmp_path, trials=10, epochs=1, sleep=0.1)
+    # Two separate commands on one database, as on two machines; seed= is the same in both.
+    runs = [start(tmp_path, f"storage={postgres_url}", "stage=lr") for _ in range(2)]
+    for run in runs:
+        _, err = run.communicate(timeout=240)
+        assert run.returncode == 0, err
+    ran = [t for t in trials(postgres_url) if t.params]
+    assert len({tuple(sorted(t.params.items())) for t in ran}) == len(ran)  # none drawn twice
+    seeds = {t.user_attrs["pid"]: t.user_attrs["sampler_seed"] for t in ran}
+    assert len(seeds) == 2 and len(set(seeds.values())) == 2  # each command seeded its own

@@ -218,6 +218,30 @@ def check(study: StudyConfig) -> None:
     for stage in study.spaces:
         if stage not in study.stages:
             raise UserError(f"{src}: search_spaces.{stage} names no stage of this study.")
+    _check_grids(study)
+
+
+def _check_grids(study: StudyConfig) -> None:
+    """A grid stage (batch size) tries every point of its grid: its budget holds them all."""
+    import search_spaces  # with optuna: not for --help
+
+    for stage in study.stages:
+        try:
+            space = search_spaces.load(stage, study.spaces.get(stage))
+        except search_spaces.SearchSpaceError:
+            continue  # said where the stage is planned, as before
+        points = 1
+        for param in space.params:
+            points *= len(param.choices or ())
+        if space.grid and space.params and points > study.trials[stage]:
+            listed = "; ".join(
+                f"{p.key}: {', '.join(str(c) for c in p.choices or ())}" for p in space.params
+            )
+            raise UserError(
+                f"{study.source}: budget.trials.{stage} is {study.trials[stage]}, but stage"
+                f" {stage} tries every point of its grid, {points} of them ({listed}): set"
+                f" budget.trials.{stage} to {points}, or narrow search_spaces.{stage}."
+            )
 
 
 # --- overrides -----------------------------------------------------------------------------
