@@ -189,6 +189,7 @@ class Stale:
     number: int
     last: datetime.datetime  # its last heartbeat, in the database's clock
     silent: float  # seconds since
+    started: datetime.datetime | None = None  # when it started, in its worker's clock
 
 
 def stale_trials(study: optuna.Study) -> list[Stale]:
@@ -214,5 +215,5 @@ def stale_trials(study: optuna.Study) -> list[Stale]:
             continue
         silent = (now - last).total_seconds()
         if silent > float(trial.user_attrs.get("heartbeat_grace", default)):
-            found.append(Stale(trial.number, last, silent))
+            found.append(Stale(trial.number, last, silent, trial.datetime_start))
     return found

@@ -126,10 +126,11 @@ def _details(study: StudyConfig, r: StageStatus) -> list[str]:
     if r.running:
         lines.append(f"{pad}  {r.running} trial(s) running now")
     for dead in r.stale:
+        began = f", started {dead.started:%Y-%m-%d %H:%M:%S}" if dead.started else ""
         lines.append(
             f"{pad}  trial #{dead.number} is stale: no heartbeat for {_age(dead.silent)} (last"
-            f" {dead.last:%Y-%m-%d %H:%M:%S}); its worker stopped, and the next run fails it"
-            " and runs its values again first"
+            f" {dead.last:%Y-%m-%d %H:%M:%S}{began}); its worker stopped, and the next run"
+            " fails it and runs its values again first"
         )
     if r.cut_off:
         lines.append(
