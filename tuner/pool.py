@@ -87,11 +87,16 @@ class Pool:
         """The workers' PIDs, as they are now (those still starting included)."""
         return [p.pid for p in self.processes if p.pid is not None]
 
+    def _interrupted(self) -> list[int]:
+        """The PIDs an interrupt of the run goes on to; no worker is replaced from now on."""
+        self._stopping = True
+        return self.pids()
+
     def __enter__(self) -> Pool:
         for process, jobs in zip(self.processes, self._ends, strict=True):
             self._launch(process, jobs)
         self._ends = []
-        signals.forward_to(self.pids)
+        signals.forward_to(self._interrupted)
         return self
 
     def start(self, plan: StagePlan, budget: Budget, deadline: float | None) -> None:
@@ -163,6 +168,8 @@ class Pool:
         self.pipes[i].close()
         self.pipes[i], jobs, self.processes[i] = self._new(i + 1)
         self._launch(self.processes[i], jobs)
+        if self._stopping:  # interrupted while it started: it missed the interrupt
+            self.processes[i].terminate()  # still importing: no trial of its own yet
         with contextlib.suppress(OSError):
             self.pipes[i].send(self._job)
         return True
