@@ -200,3 +200,24 @@ def test_commands_side_by_side_draw_their_own_trials(tmp_path: Path, postgres_ur
     assert len({tuple(sorted(t.params.items())) for t in ran}) == len(ran)  # none drawn twice
     seeds = {t.user_attrs["pid"]: t.user_attrs["sampler_seed"] for t in ran}
     assert len(seeds) == 2 and len(set(seeds.values())) == 2  # each command seeded its own
+
+
+def test_a_trial_cut_off_every_time_is_run_again_at_most_max_retry_times() -> None:
+    from optuna.distributions import FloatDistribution
+
+    from tuner import retry
+
+    def cut(number: int, of: int | None = None) -> optuna.trial.FrozenTrial:
+        attrs = {"stop_reason": "interrupted", **({"retry_of": of} if of is not None else {})}
+        made = optuna.trial.create_trial(
+            state=TrialState.FAIL, params={"lr": 0.1},
+            distributions={"lr": FloatDistribution(1e-5, 1.0)}, user_attrs=attrs,
+        )  # fmt: skip
+        made.number = number
+        return made
+
+    chain = [cut(0)]
+    for number in range(1, storages.MAX_RETRY + 1):
+        assert [t.number for t in retry.unretried(chain)] == [number - 1]
+        chain.append(cut(number, of=number - 1))
+    assert retry.unretried(chain) == []  # its values ran 1 + MAX_RETRY times: enough

@@ -77,12 +77,21 @@ def _key(trial: FrozenTrial) -> str:
 
 
 def unretried(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """The cut-off trials with values to run and no retry that ran or is queued."""
+    """The cut-off trials with values to run and no retry that ran or is queued; a trial
+    that is itself the MAX_RETRY-th retry of its values is not run again (a config that
+    kills its worker every time must not take the run down with it)."""
     covered: set[int] = set()
     for trial in trials:
         if not _never_ran(trial):
             covered |= _parents(trial)
-    return [t for t in trials if is_cut_off(t) and t.number not in covered and _params(t)]
+    by_number = {t.number: t for t in trials}
+
+    def tries(trial: FrozenTrial) -> int:  # how many times its values ran before it
+        parents = [by_number[n] for n in _parents(trial) if n in by_number and n < trial.number]
+        return 1 + tries(max(parents, key=lambda t: t.number)) if parents else 0
+
+    return [t for t in trials if is_cut_off(t) and t.number not in covered and _params(t)
+            and tries(t) < storages.MAX_RETRY]  # fmt: skip
 
 
 def queued_retries(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
