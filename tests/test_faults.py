@@ -167,11 +167,11 @@ def test_a_stale_running_trial_shows_as_stale(tmp_path: Path) -> None:
 
 
 def test_the_next_run_runs_an_interrupted_trial_again_before_new_ones(tmp_path: Path) -> None:
-    fake_study.write(tmp_path, trials=3, epochs=3, sleep=0.3)
+    fake_study.write(tmp_path, trials=3, epochs=4, sleep=0.4)
     storage = f"sqlite:///{tmp_path}/tuner.db"
     run = start(tmp_path)
-    wait_for(lambda: len(finished(storage)) >= 1 and any(
-        t.state == TrialState.RUNNING for t in trials(storage)))  # fmt: skip
+    in_objective = lambda t: t.state == TrialState.RUNNING and "config" in t.user_attrs  # noqa: E731
+    wait_for(lambda: len(finished(storage)) >= 1 and any(map(in_objective, trials(storage))))
     run.send_signal(signal.SIGTERM)
     run.communicate(timeout=60)
     assert run.returncode == 130
