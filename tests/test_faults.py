@@ -221,3 +221,24 @@ def test_a_trial_cut_off_every_time_is_run_again_at_most_max_retry_times() -> No
         assert [t.number for t in retry.unretried(chain)] == [number - 1]
         chain.append(cut(number, of=number - 1))
     assert retry.unretried(chain) == []  # its values ran 1 + MAX_RETRY times: enough
+
+
+def test_a_study_files_sampler_seed_repeats_the_draws(tmp_path: Path) -> None:
+    import dataclasses
+
+    from tuner.config import apply_overrides, load_study
+    from tuner.plan import plan_stage
+    from tuner.results import best_of
+    from tuner.stage import run_stage
+
+    drawn = []
+    for run in ("a", "b"):
+        study = apply_overrides(load_study(), {"storage": f"sqlite:///{tmp_path}/{run}.db",
+                                               "batch_size": "64"}, {}).study  # fmt: skip
+        study = dataclasses.replace(study, sampler={**study.sampler, "seed": 0})
+        storage = storages.open_storage(study.storage)
+        plan = plan_stage(study, "lr", best_of(storage, study))
+        found = run_stage(plan, storage, lambda c, r: {"accuracy": c["lr"]}, Budget(4, None),
+                          out=lambda line: None)  # fmt: skip
+        drawn.append([(t.params, t.user_attrs["sampler_seed"]) for t in found.trials])
+    assert drawn[0] == drawn[1]  # the same seed, the same draws

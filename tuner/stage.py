@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 import search_spaces
 from tuner import __version__, retry
 from tuner import storage as storages
-from tuner.errors import StageFailed, StageRefused
+from tuner.errors import StageFailed, StageRefused, UserError
 from tuner.objective import Objective
 from tuner.plan import Source, StagePlan, rerun_command, stale_keys
 from tuner.progress import StageProgress
@@ -190,7 +190,7 @@ def work(
     A worker with nothing to start waits while other trials run: if one of them fails, or
     its worker dies (its heartbeat stops and the trial is retried), this worker takes it.
     """
-    seed = sampler_seed()
+    seed = sampler_seed(plan, storage, worker)
     study = optuna.load_study(
         study_name=plan.name,
         storage=storage,
@@ -298,11 +298,20 @@ def _refuse_if_stale(plan: StagePlan, existing: optuna.Study) -> None:
     )
 
 
-def sampler_seed() -> int:
-    """A seed of this process's own for a stage's sampler: commands that run one stage side
-    by side (on many machines) must not draw the same trials. ``seed=`` fixes the data split
-    and the init, not the sampler's draws; each trial records the seed (``sampler_seed``)."""
-    return secrets.randbelow(2**31)
+def sampler_seed(plan: StagePlan, storage: optuna.storages.BaseStorage, worker: int = 0) -> int:
+    """The seed of this process's sampler for a stage: drawn afresh, so that commands that
+    run one stage side by side (on many machines) do not draw the same trials; ``seed=``
+    fixes the data split and the init, not the sampler's draws. Each trial records it
+    (``sampler_seed``). A study file's ``sampler.seed`` fixes it instead, for runs that must
+    repeat their draws (one command at a time: commands side by side would draw alike)."""
+    fixed = plan.study.sampler.get("seed")
+    if fixed is None:
+        return secrets.randbelow(2**31)
+    if isinstance(fixed, bool) or not isinstance(fixed, int) or fixed < 0:
+        raise UserError(f"sampler.seed={fixed}: the sampler's seed is an integer, 0 or more.")
+    # A resumed stage must not replay the draws of its first session, nor workers each other's.
+    n_before = storage.get_n_trials(storage.get_study_id_from_name(plan.name))
+    return fixed * 10_007 + plan.index * 101 + n_before + worker * 7_919
 
 
 def _header(plan: StagePlan, budget: Budget, done: int, out: Print) -> None:
