@@ -84,7 +84,10 @@ def test_a_run_prints_stores_and_shows_the_edge_warning(
     module = f"edgeobj_{uuid.uuid4().hex[:8]}"  # not fakeobj: sys.modules keeps what it imports
     (tmp_path / "fakeobj.py").rename(tmp_path / f"{module}.py")
     text = study_file.read_text().replace("fakeobj:train", f"{module}:train")
-    study_file.write_text(text + "search_spaces:\n  lr:\n    lr: {high: 3.0e-3}\n")
+    # widen: false — with it, the closed loop would widen the range instead (test_closed_loop).
+    study_file.write_text(
+        text + "search_spaces:\n  lr:\n    lr: {high: 3.0e-3}\nloop:\n  widen: false\n"
+    )
     path = list(sys.path)
     monkeypatch.chdir(tmp_path)
     try:

@@ -186,8 +186,10 @@ def test_a_retried_trial_within_the_budget_runs_and_one_beyond_does_not(
     study.enqueue_trial({"lr": 0.03, "schedule": "cosine", "warmup": 0.1})
     work(plan, storage, score, Budget(3, None), out=lambda line: None)
     states = [t.state for t in study.trials]
-    # The waiting trial within the budget of 3 runs; the one beyond it stays waiting.
-    assert states == [TrialState.COMPLETE] * 3 + [TrialState.WAITING]
+    # The waiting trial within the budget of 3 runs; the one beyond it never runs, and is
+    # not left waiting once the stage has its budget.
+    assert states == [TrialState.COMPLETE] * 3 + [TrialState.FAIL]
+    assert study.trials[3].user_attrs["stop_reason"] == "surplus"
     assert study.trials[2].params == retry
 
 

@@ -67,6 +67,7 @@ def run_tiny(folder: Path, trials: int = 12) -> Tiny:
     base = (Path(__file__).resolve().parent.parent / "studies" / "digits_mlp.yaml").read_text()
     text = re.sub(r"(?m)^objective: .*$", "objective: tinyobj:train", base)
     text = re.sub(r"(?m)^name: .*$", "name: tiny", text)
+    text = text.replace("sampler:\n", "sampler:\n  seed: 0   # the same draws every time\n", 1)
     study_file = folder / "tiny.yaml"
     study_file.write_text(text)
     tiny = Tiny(folder, study_file, f"sqlite:///{folder}/t.db")

@@ -8,7 +8,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from tuner import closed_loop, devices, diagnostics, race
+from tuner import closed_loop, devices, diagnostics, race, retry
 from tuner import storage as storages
 from tuner.config import StudyConfig
 from tuner.errors import StageRefused, UserError
@@ -28,12 +28,14 @@ class StageStatus:
     pruned: int = 0
     failed: int = 0
     running: int = 0
+    stale: list[retry.Stale] = field(default_factory=list)  # running, its heartbeat stopped
+    cut_off: list[str] = field(default_factory=list)  # to run again first: "#3 (interrupted)"
     best_value: float | None = None
     best_number: int | None = None
     best_params: dict[str, Any] = field(default_factory=dict)
     fixed: dict[str, Any] = field(default_factory=dict)
     lineage: dict[str, Source] = field(default_factory=dict)
-    stale: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)  # upstream keys changed since it ran
     diagnostics: list[str] = field(default_factory=list)
     best_seeds: list[float] = field(default_factory=list)  # the best's value on each seed
     widened: list[str] = field(default_factory=list)  # what the closed loop widened, and why
@@ -54,16 +56,21 @@ def collect(study: StudyConfig) -> list[StageStatus]:
             _fill(row, found)
             try:
                 plan = plan_stage(study, stage, best)
-                row.stale = stale_keys(plan, found.user_attrs.get("lineage", {}))
+                row.changed = stale_keys(plan, found.user_attrs.get("lineage", {}))
             except StageRefused:
-                row.stale = []  # an upstream stage lost its result; nothing to compare
+                row.changed = []  # an upstream stage lost its result; nothing to compare
         rows.append(row)
     return rows
 
 
 def _fill(row: StageStatus, found: optuna.Study) -> None:
     row.exists = True
-    for trial in found.get_trials(deepcopy=False):
+    trials = found.get_trials(deepcopy=False)
+    row.stale = retry.stale_trials(found)
+    waiting = retry.queued_retries(trials)
+    row.cut_off = [f"#{t.number} ({_cut_why(t)})" for t in retry.unretried(trials)]
+    row.cut_off += [f"#{t.number} (queued again)" for t in waiting]
+    for trial in trials:
         if trial.state == TrialState.COMPLETE:
             row.complete += 1
         elif trial.state == TrialState.PRUNED:
@@ -72,6 +79,7 @@ def _fill(row: StageStatus, found: optuna.Study) -> None:
             row.failed += 1  # a surplus trial lost a race for the budget; it never trained
         elif trial.state == TrialState.RUNNING:
             row.running += 1
+    row.running -= len(row.stale)
     top = best_trial(found)
     if top is not None:
         row.best_value, row.best_number, row.best_params = top.value, top.number, top.params
@@ -132,6 +140,7 @@ def _details(study: StudyConfig, r: StageStatus) -> list[str]:
     )
     lines = [f"{r.stage}: best {params}", f"{' ' * len(r.stage)}  fixed {fixed}"]
     lines += [f"{' ' * len(r.stage)}  ! {line}" for line in r.diagnostics]
+    pad = " " * len(r.stage)
     lines += [f"{' ' * len(r.stage)}  {line}" for line in (*r.widened, r.ended) if line]
     if r.race:
         raced = ", ".join(
@@ -142,13 +151,40 @@ def _details(study: StudyConfig, r: StageStatus) -> list[str]:
     if r.devices:
         lines.append(f"{' ' * len(r.stage)}  ran on {r.devices}")
     if r.running:
-        lines.append(f"{' ' * len(r.stage)}  {r.running} trial(s) running now")
-    if r.stale:
+        lines.append(f"{pad}  {r.running} trial(s) running now")
+    for dead in r.stale:
+        began = f", started {dead.started:%Y-%m-%d %H:%M:%S}" if dead.started else ""
         lines.append(
-            f"{' ' * len(r.stage)}  STALE: {', '.join(r.stale)} changed upstream since it ran;"
+            f"{pad}  trial #{dead.number} is stale: no heartbeat for {_age(dead.silent)} (last"
+            f" {dead.last:%Y-%m-%d %H:%M:%S}{began}); its worker stopped, and the next run"
+            " fails it and runs its values again first"
+        )
+    if r.cut_off:
+        lines.append(
+            f"{pad}  the next run runs {len(r.cut_off)} cut-off trial(s) again first:"
+            f" {', '.join(r.cut_off)}"
+        )
+    if r.changed:
+        lines.append(
+            f"{' ' * len(r.stage)}  STALE: {', '.join(r.changed)} changed upstream since it ran;"
             f" `{rerun_command(study, r.stage, 'restart=true')}`"
         )
     return lines
+
+
+def _cut_why(trial: optuna.trial.FrozenTrial) -> str:
+    if trial.user_attrs.get("stop_reason") == retry.INTERRUPTED:
+        return "interrupted"
+    return "its worker stopped"
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
 
 
 def _fmt(value: Any) -> str:

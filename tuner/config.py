@@ -244,6 +244,8 @@ def check(study: StudyConfig) -> None:
                     f" at least {least}."
                 )
 
+    _check_grids(study)
+
 
 # Counts and seeds of Optuna's samplers and pruners (TPESampler, MedianPruner, HyperbandPruner
 # ...), checked before anything is written: Optuna itself reads some only at the first trial.
@@ -252,6 +254,29 @@ _COUNTS = {
     "n_min_trials": 1, "n_ei_candidates": 1, "min_resource": 1, "max_resource": 1,
     "reduction_factor": 2, "min_early_stopping_rate": 0, "bootstrap_count": 0,
 }  # fmt: skip
+
+
+def _check_grids(study: StudyConfig) -> None:
+    """A grid stage (batch size) tries every point of its grid: its budget holds them all."""
+    import search_spaces  # with optuna: not for --help
+
+    for stage in study.stages:
+        try:
+            space = search_spaces.load(stage, study.spaces.get(stage))
+        except search_spaces.SearchSpaceError:
+            continue  # said where the stage is planned, as before
+        points = 1
+        for param in space.params:
+            points *= len(param.choices or ())
+        if space.grid and space.params and points > study.trials[stage]:
+            listed = "; ".join(
+                f"{p.key}: {', '.join(str(c) for c in p.choices or ())}" for p in space.params
+            )
+            raise UserError(
+                f"{study.source}: budget.trials.{stage} is {study.trials[stage]}, but stage"
+                f" {stage} tries every point of its grid, {points} of them ({listed}): set"
+                f" budget.trials.{stage} to {points}, or narrow search_spaces.{stage}."
+            )
 
 
 # --- overrides -----------------------------------------------------------------------------

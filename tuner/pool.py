@@ -3,16 +3,27 @@ share of every stage on the same storage, one torch thread each by default.
 
 Workers are started with the run, before this process imports torch, so that their own
 imports (torch, the objective: seconds) overlap with the run's planning and checks.
+
+A worker that dies (the kernel's OOM killer, ``kill -9``) is replaced, and the new one takes
+its share of the stage; the dead one's trial is failed by its heartbeat and run again. An
+interrupt of the run is passed on to every worker (tuner.signals), and a worker whose run is
+gone (``kill -9`` of it) stops as if interrupted, quietly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
+import signal
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Sequence
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any
 
 import optuna
 
@@ -23,6 +34,9 @@ from tuner.errors import StageFailed, UserError
 from tuner.objective import load_objective
 from tuner.plan import StagePlan
 from tuner.stage import Budget, work
+
+MAX_REPLACEMENTS = 8  # workers started in place of dead ones, per run: then the run fails
+ORPHAN_POLL_SECONDS = 0.5  # how often a worker checks that its run is still there
 
 
 def set_threads(threads: int | None) -> None:
@@ -46,54 +60,151 @@ class Pool:
         threads: int = 1,
         devices: Sequence[str | None] = (),  # each worker's CUDA_VISIBLE_DEVICES (tuner.devices)
     ) -> None:
-        context = multiprocessing.get_context("spawn")  # no forked torch or database state
-        self.heartbeat = heartbeat
-        self.pipes = [context.Pipe() for _ in range(n)]
-        self.processes = [
-            context.Process(
-                target=_worker_main,
-                args=(jobs, index, heartbeat, objective, threads, _nth(devices, index - 1)),
-                name=f"tuner-worker-{index}",
-            )
-            for index, (_, jobs) in enumerate(self.pipes, start=1)
-        ]
+        self._context = multiprocessing.get_context("spawn")  # no forked torch or database
+        self.heartbeat, self._objective, self._threads = heartbeat, objective, threads
+        self._devices = list(devices)
+        self.pipes: list[Connection] = []
+        self.processes: list[BaseProcess] = []
+        self._ends: list[Connection] = []  # the workers' ends, closed here once they run
+        for index in range(1, n + 1):
+            pipe, jobs, process = self._new(index)
+            self.pipes.append(pipe)
+            self._ends.append(jobs)
+            self.processes.append(process)
         self.busy = False  # whether they were handed a stage
+        self.replaced = 0
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._job: tuple[StagePlan, Budget, float | None] | None = None
+        self._codes: dict[int, int] = {}
+        self._watch: threading.Thread | None = None
+
+    def _new(self, index: int) -> tuple[Connection, Connection, BaseProcess]:
+        pipe, jobs = self._context.Pipe()
+        process = self._context.Process(
+            target=_worker_main,
+            args=(
+                jobs,
+                index,
+                self.heartbeat,
+                self._objective,
+                self._threads,
+                os.getpid(),
+                _nth(self._devices, index - 1),
+            ),
+            name=f"tuner-worker-{index}",
+        )
+        return pipe, jobs, process
+
+    @staticmethod
+    def _launch(process: BaseProcess, jobs: Connection) -> None:
+        process.start()
+        jobs.close()  # the worker's end: a worker that dies is seen as the pipe's end
+
+    def pids(self) -> list[int]:
+        """The workers' PIDs, as they are now (those still starting included)."""
+        return [p.pid for p in self.processes if p.pid is not None]
+
+    def _interrupted(self) -> list[int]:
+        """The PIDs an interrupt of the run goes on to; no worker is replaced from now on."""
+        self._stopping = True
+        return self.pids()
 
     def __enter__(self) -> Pool:
-        for process, (_, jobs) in zip(self.processes, self.pipes, strict=True):
-            process.start()
-            jobs.close()  # the worker's end: a worker that dies is seen as the pipe's end
+        for process, jobs in zip(self.processes, self._ends, strict=True):
+            self._launch(process, jobs)
+        self._ends = []
+        signals.forward_to(self._interrupted)
         return self
 
     def start(self, plan: StagePlan, budget: Budget, deadline: float | None) -> None:
-        """Hand each worker the stage."""
+        """Hand each worker the stage; a worker that dies during it is replaced."""
         self.busy = True
-        for pipe, _ in self.pipes:
-            pipe.send((plan, budget, deadline))
+        self._job, self._codes = (plan, budget, deadline), {}
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):  # a dead worker: the watch replaces it
+                pipe.send(self._job)
+        self._watch = threading.Thread(target=self._watch_stage, daemon=True)
+        self._watch.start()
 
     def wait(self) -> None:
         """Wait for each worker to be done with the stage; a worker that stopped on a failing
-        stage, or died, fails the run the same way."""
-        codes = []
-        for (pipe, _), process in zip(self.pipes, self.processes, strict=True):
-            try:
-                codes.append(pipe.recv())
-            except EOFError:
-                process.join()
-                codes.append(process.exitcode or 1)
+        stage, or died more often than it could be replaced, fails the run."""
+        if self._watch is not None:
+            while self._watch.is_alive():  # a join with a timeout: interrupts stay prompt
+                self._watch.join(0.2)
+        codes = [self._codes.get(i, 1) for i in range(len(self.processes))]
         if any(code == signals.EXIT_STATUS for code in codes):
             raise KeyboardInterrupt
         failed = [code for code in codes if code]
         if failed:
             raise StageFailed(f"a worker process ended with exit status {failed[0]}")
 
+    def _watch_stage(self) -> None:
+        """Collect each worker's exit status for the stage; start a new worker in place of
+        one that died, and hand it the stage."""
+        pending = set(range(len(self.processes)))
+        while pending:
+            with self._lock:
+                waits: list[Any] = [self.pipes[i] for i in pending]
+                waits += [self.processes[i].sentinel for i in pending]
+            wait(waits, timeout=1.0)
+            for i in sorted(pending):
+                with self._lock:
+                    pipe, process = self.pipes[i], self.processes[i]
+                    code = self._reported(pipe)
+                    if code is None and process.is_alive():
+                        continue
+                    if code is None:
+                        process.join()
+                        code = process.exitcode if process.exitcode else 1
+                        if self._replace(i, code):
+                            continue
+                    self._codes[i] = code
+                    pending.discard(i)
+
+    @staticmethod
+    def _reported(pipe: Connection) -> int | None:
+        """A worker's exit status for the stage, if it sent one."""
+        try:
+            return pipe.recv() if pipe.poll() else None
+        except (EOFError, OSError):
+            return None
+
+    def _replace(self, i: int, code: int) -> bool:
+        """Start a worker in place of worker ``i``, which died with ``code``, and hand it the
+        stage; False where the run is stopping or has replaced too many."""
+        if self._stopping or code == signals.EXIT_STATUS or self.replaced >= MAX_REPLACEMENTS:
+            return False
+        self.replaced += 1
+        print(
+            f"tuner: worker {i + 1} ended with exit status {code}; a new worker takes its place"
+            " (its trial is failed once its heartbeat stops, and run again).",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.pipes[i].close()
+        self.pipes[i], jobs, self.processes[i] = self._new(i + 1)
+        self._launch(self.processes[i], jobs)
+        if self._stopping:  # interrupted while it started: it missed the interrupt
+            self.processes[i].terminate()  # still importing: no trial of its own yet
+        with contextlib.suppress(OSError):
+            self.pipes[i].send(self._job)
+        return True
+
     def __exit__(self, *exc: object) -> None:
-        for (pipe, _), process in zip(self.pipes, self.processes, strict=True):
+        with self._lock:
+            self._stopping = True
+        for pipe, process in zip(self.pipes, self.processes, strict=True):
             if not self.busy:
                 process.terminate()  # still starting up, no trial of theirs to keep
             with contextlib.suppress(OSError):
                 pipe.send(None)  # the run is over; a worker in a stage finishes its share first
+        for process in self.processes:
             process.join()
+        if self._watch is not None:
+            self._watch.join()
+        signals.forward_to(None)
 
 
 def _warm_up() -> None:
@@ -109,19 +220,34 @@ def _nth(devices: Sequence[str | None], i: int) -> str | None:
     return devices[i] if i < len(devices) else None
 
 
+def _watch_run(run_pid: int) -> None:
+    """In a worker: once its run is gone (killed), stop as an interrupt would, quietly: the
+    running trial is recorded as interrupted, and nothing more is printed."""
+    while os.getppid() == run_pid:
+        time.sleep(ORPHAN_POLL_SECONDS)
+    with open(os.devnull, "w") as devnull:  # the terminal or pipe is the run's, not ours
+        os.dup2(devnull.fileno(), sys.stdout.fileno())
+        os.dup2(devnull.fileno(), sys.stderr.fileno())
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _worker_main(
     jobs: Connection,
     index: int,
     heartbeat: float,
     objective: str,
     threads: int,
+    run_pid: int,
     device: str | None = None,
 ) -> None:
     """A worker process: its GPU (``device``, set before torch loads), ``threads`` torch
     threads, the run's stages as they come, its own storage connection."""
     gpus.use(device)
-    set_threads(threads)
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)  # Ctrl-C reaches the run alone, which passes it on (tuner.signals)
     signals.install()
+    threading.Thread(target=_watch_run, args=(run_pid,), daemon=True).start()
+    set_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
@@ -133,7 +259,7 @@ def _worker_main(
             jobs.send(_work_share(plan, budget, deadline, index, heartbeat))
     except KeyboardInterrupt:
         sys.exit(signals.EXIT_STATUS)
-    except EOFError:
+    except (EOFError, OSError):
         return  # the run is gone
 
 

@@ -26,7 +26,7 @@ REFRESH_SECONDS = storages.FLUSH_SECONDS  # the pruner counts other workers' tri
 
 def make_sampler(study: StudyConfig, seed: int) -> optuna.samplers.BaseSampler:
     """The study's sampler, seeded."""
-    options = {k: v for k, v in study.sampler.items() if k != "name"}
+    options = {k: v for k, v in study.sampler.items() if k not in ("name", "seed")}
     name = study.sampler.get("name", "tpe")
     try:
         if name == "random":

@@ -2,7 +2,13 @@
 
 The first interrupt raises KeyboardInterrupt where the run is: the running trial is recorded
 as FAILed with the reason ``interrupted``, every finished trial is kept, and the next ``run``
-resumes the stage. Recording may wait on the database; a second interrupt does not.
+resumes the stage, running each interrupted trial's values again first. Recording may wait
+on the database; a second interrupt does not.
+
+A run's worker processes (``workers=N``) are a process group of their own, so that Ctrl-C in
+a terminal reaches only the run: the run passes each interrupt on to them, once, as it
+comes, whether it came from the terminal or from ``kill`` of the run's PID alone (what
+Kubernetes and systemd send).
 """
 
 from __future__ import annotations
@@ -10,14 +16,24 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from collections.abc import Callable, Iterable
 from types import FrameType
 
 EXIT_STATUS = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
+_forward: list[Callable[[], Iterable[int]]] = []  # the PIDs that an interrupt is passed to
+
 
 def install() -> None:
-    """SIGTERM (Kubernetes, systemd, ``kill``) raises KeyboardInterrupt, like Ctrl-C."""
+    """SIGTERM (Kubernetes, systemd, ``kill``) raises KeyboardInterrupt, like Ctrl-C; both
+    are passed on to the processes named with ``forward_to``."""
+    _set(signal.SIGINT, _raise_interrupt)
     _set(signal.SIGTERM, _raise_interrupt)
+
+
+def forward_to(pids: Callable[[], Iterable[int]] | None) -> None:
+    """Pass each interrupt from now on to the processes ``pids()`` names (None: to none)."""
+    _forward[:] = [] if pids is None else [pids]
 
 
 def exit_on_next_interrupt() -> None:
@@ -26,11 +42,20 @@ def exit_on_next_interrupt() -> None:
     _set(signal.SIGTERM, _exit_now)
 
 
-def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
+def _pass_on(signum: int) -> None:
+    for pids in _forward:
+        for pid in pids():
+            with contextlib.suppress(OSError):  # already gone
+                os.kill(pid, signum)
+
+
+def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
+    _pass_on(signum)
     raise KeyboardInterrupt
 
 
-def _exit_now(_signum: int, _frame: FrameType | None) -> None:
+def _exit_now(signum: int, _frame: FrameType | None) -> None:
+    _pass_on(signum)
     os._exit(EXIT_STATUS)
 
 

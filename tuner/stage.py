@@ -9,6 +9,8 @@ same error stops; a stale stage (an upstream value changed since it ran) refuses
 from __future__ import annotations
 
 import datetime
+import json
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,9 +20,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 import search_spaces
-from tuner import __version__, closed_loop
+from tuner import __version__, closed_loop, retry
 from tuner import storage as storages
-from tuner.errors import StageFailed, StageRefused
+from tuner.errors import StageFailed, StageRefused, UserError
 from tuner.objective import Objective
 from tuner.plan import Source, StagePlan, rerun_command, stale_keys
 from tuner.progress import StageProgress
@@ -150,8 +152,20 @@ def start_stage(
     )
     if not study.trials:
         _start(plan, study)
-    done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
+    if storages.heartbeat_enabled(storage):
+        optuna.storages.fail_stale_trials(study)  # a trial whose worker died: retried
+    again = retry.queue(study)  # the cut-off trials' values first, then what was queued
+    if plan.space.grid:
+        _queue_grid(plan, study)
+    trials = study.get_trials(deepcopy=False)
+    done = sum(1 for t in trials if t.state in FINISHED)
     _header(plan, budget, done, out)
+    if again and done < budget.trials:
+        cut = [t for t in trials if t.number in again]
+        out(
+            f"   runs {len(cut)} cut-off trial(s) again first: "
+            + ", ".join(f"#{t.number} ({_why(t)})" for t in cut)
+        )
     if done >= budget.trials:
         out(
             f"  stage {plan.stage} has {done}/{budget.trials} finished trials already"
@@ -177,16 +191,16 @@ def work(
     A worker with nothing to start waits while other trials run: if one of them fails, or
     its worker dies (its heartbeat stops and the trial is retried), this worker takes it.
     """
-    n_before = storage.get_n_trials(storage.get_study_id_from_name(plan.name))
+    seed = sampler_seed(plan, storage, worker)
     study = optuna.load_study(
         study_name=plan.name,
         storage=storage,
-        sampler=make_sampler(plan.study, _seed(plan, n_before, worker)),
+        sampler=make_sampler(plan.study, seed),
         pruner=read_less(make_pruner(plan, int(plan.incumbent.get("epochs", 1) or 1))),
     )
     progress = TrialLines(plan, budget, out, bar)
     pace = Pace()
-    objective = make_objective(plan, fn, budget.trials, deadline, pace)
+    objective = make_objective(plan, fn, budget.trials, deadline, pace, sampler_seed=seed)
     states = storages.trial_states(study)  # one small query, not every trial read whole
     while not progress.failing:
         if pace.too_late(deadline):
@@ -213,6 +227,7 @@ def work(
                 optuna.storages.fail_stale_trials(study)  # a dead worker's trial is retried
             time.sleep(POLL_SECONDS)
         else:
+            retry.finish(study)  # the budget is met: nothing is left queued
             break
         states = storages.trial_states(study)
     if progress.failing:
@@ -256,13 +271,24 @@ def _start(plan: StagePlan, study: optuna.Study) -> None:
         "tuner_version": __version__,
     }
     storages.set_study_user_attrs(study, {key: plain(value) for key, value in attrs.items()})
-    if plan.space.grid:
-        for point in search_spaces.grid_points(plan.space, plan.incumbent):
-            study.enqueue_trial(point, skip_if_exists=True)
-    else:
+    if not plan.space.grid:  # a grid stage queues its points in _queue_grid
         # skip_if_exists: workers on other machines may start the stage at the same moment.
         params = search_spaces.params_of(plan.space, plan.incumbent)
         study.enqueue_trial(params, skip_if_exists=True)
+
+
+def _queue_grid(plan: StagePlan, study: optuna.Study) -> None:
+    """Queue each point of a grid stage that no trial holds (a point queued once and left
+    over at the end of a stage whose budget was smaller runs when the budget grows)."""
+    held = {
+        json.dumps(t.params or t.system_attrs.get("fixed_params") or {}, sort_keys=True)
+        for t in study.get_trials(deepcopy=False)
+        if not (t.state == TrialState.FAIL and t.user_attrs.get("stop_reason") == SURPLUS)
+    }
+    for point in search_spaces.grid_points(plan.space, plan.incumbent):
+        if json.dumps(point, sort_keys=True) not in held:
+            study.enqueue_trial(point)
+    retry.drop_duplicates(study)  # commands that start the stage at once queue it each
 
 
 def _refuse_if_stale(plan: StagePlan, existing: optuna.Study) -> None:
@@ -280,11 +306,23 @@ def _refuse_if_stale(plan: StagePlan, existing: optuna.Study) -> None:
     )
 
 
-def _seed(plan: StagePlan, n_before: int, worker: int = 0) -> int:
-    # A resumed stage must not replay the random start-up trials of its first session, and
-    # parallel workers must not draw the same ones.
-    base = int(plan.incumbent.get("seed", 0) or 0) * 10_007 + plan.index * 101
-    return (base + n_before + worker * 7_919) % 2**32  # numpy's range for a seed
+def sampler_seed(plan: StagePlan, storage: optuna.storages.BaseStorage, worker: int = 0) -> int:
+    """The seed of this process's sampler for a stage: drawn afresh, so that commands that
+    run one stage side by side (on many machines) do not draw the same trials; ``seed=``
+    fixes the data split and the init, not the sampler's draws. Each trial records it
+    (``sampler_seed``). A study file's ``sampler.seed`` fixes it instead, and so does
+    ``deterministic=true`` (from ``seed``), for runs that must repeat their draws (one command
+    at a time: commands side by side would draw alike)."""
+    fixed = plan.study.sampler.get("seed")
+    if fixed is None and plan.study.deterministic:  # a repeatable run: seed= fixes the draws
+        fixed = int(plan.incumbent.get("seed", 0) or 0)
+    if fixed is None:
+        return secrets.randbelow(2**31)
+    if isinstance(fixed, bool) or not isinstance(fixed, int) or fixed < 0:
+        raise UserError(f"sampler.seed={fixed}: the sampler's seed is an integer, 0 or more.")
+    # A resumed stage must not replay the draws of its first session, nor workers each other's.
+    n_before = storage.get_n_trials(storage.get_study_id_from_name(plan.name))
+    return (fixed * 10_007 + plan.index * 101 + n_before + worker * 7_919) % 2**32
 
 
 def _header(plan: StagePlan, budget: Budget, done: int, out: Print) -> None:
@@ -298,3 +336,10 @@ def _header(plan: StagePlan, budget: Budget, done: int, out: Print) -> None:
         f" ({plan.name}): {budget.trials} trials{limit}, {done} finished before"
     )
     out(f"   searches {', '.join(plan.space.keys) or 'nothing'}; fixed: {fixed}")
+    if plan.space.grid:
+        points = len(search_spaces.grid_points(plan.space, plan.incumbent))
+        if points > budget.trials:
+            out(
+                f"   its grid has {points} points and the stage {budget.trials} trials: the"
+                f" first {budget.trials} run, the incumbent first (trials= raises it)"
+            )

@@ -78,6 +78,8 @@ def open_storage(
     died (no heartbeat for MISSED_HEARTBEATS beats) are failed and retried with the same
     parameters, up to MAX_RETRY times.
     """
+    from tuner import retry  # it writes through this module
+
     parsed = _parse(url)
     kwargs: dict[str, Any] = {}
     path = sqlite_path(url)
@@ -107,9 +109,7 @@ def open_storage(
             beats = {
                 "heartbeat_interval": max(1, round(heartbeat)),
                 "grace_period": max(2, round(heartbeat * MISSED_HEARTBEATS)),
-                "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=MAX_RETRY
-                ),
+                "heartbeat_stale_trial_callback": retry.StaleTrialCallback(max_retry=MAX_RETRY),
             }
         storage = _create(url, kwargs, beats)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
@@ -154,6 +154,15 @@ def _create(
 def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
     """Whether running trials of this storage send heartbeats."""
     return getattr(storage, "heartbeat_interval", None) is not None
+
+
+def heartbeat_grace(storage: optuna.storages.BaseStorage | None) -> float | None:
+    """Seconds a running trial's heartbeat may be silent before the trial is failed (None:
+    no heartbeats)."""
+    rdb = _rdb(storage)
+    if rdb is None or rdb.heartbeat_interval is None:
+        return None
+    return float(rdb.grace_period or 2 * rdb.heartbeat_interval)
 
 
 # --- what the runner reads and writes after every trial, in one query each -----------------

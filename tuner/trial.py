@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import traceback
 from collections.abc import Mapping
@@ -112,13 +113,16 @@ def make_objective(
     budget: int | None = None,
     deadline: float | None = None,
     pace: Pace | None = None,
+    sampler_seed: int | None = None,
 ) -> StageObjective:
     """The Optuna objective of a stage: draw, train, record, score.
 
     With a budget, a trial that finds ``budget`` live trials before it (workers racing for
-    the last places) ends at once as a FAILed ``surplus`` trial: the budget is exact.
+    the last places) ends at once as a FAILed ``surplus`` trial: the budget is exact. Each
+    trial records the process that runs it (``pid``), the seed of that process's sampler
+    (``sampler_seed``) and, with heartbeats, how long its heartbeat may be silent.
     """
-    return StageObjective(plan, fn, budget, deadline, pace)
+    return StageObjective(plan, fn, budget, deadline, pace, sampler_seed)
 
 
 class StageObjective:
@@ -132,6 +136,7 @@ class StageObjective:
         budget: int | None,
         deadline: float | None,
         pace: Pace | None,
+        sampler_seed: int | None = None,
     ) -> None:
         self.plan, self.fn, self.budget, self.deadline, self.pace = (
             plan,
@@ -140,6 +145,7 @@ class StageObjective:
             deadline,
             pace,
         )
+        self.sampler_seed = sampler_seed
         self.last: tuple[optuna.Trial, float | None] | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -155,7 +161,17 @@ class StageObjective:
             raise Surplus(f"the stage's {budget} trials are taken by other workers")
         drawn = search_spaces.suggest(trial, plan.space, plan.incumbent)
         config = race.replay(trial.study, merged(plan.incumbent, drawn))
-        storages.set_user_attrs(trial, {"config": config, **devices.trial_attrs()})
+        started_attrs: dict[str, Any] = {
+            "config": config,
+            "pid": os.getpid(),
+            **devices.trial_attrs(),
+        }
+        if self.sampler_seed is not None:
+            started_attrs["sampler_seed"] = self.sampler_seed
+        grace = storages.heartbeat_grace(trial.study._storage)
+        if grace is not None:
+            started_attrs["heartbeat_grace"] = grace  # status tells a stale trial by it
+        storages.set_user_attrs(trial, started_attrs)
         started = time.perf_counter()
         metric, maximize = plan.study.metric, plan.study.direction == "maximize"
         report = TrialReport(trial, metric, self.deadline, maximize, self.pace)
