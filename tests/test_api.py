@@ -308,3 +308,18 @@ def test_the_readme_python_examples_run_as_written_in_a_fresh_folder(tmp_path: P
             assert 0.003 < float(done.stdout.split()[-1]) < 0.03  # it found the peak's region
     for name in ("best.yaml", "report.html", "trained/metrics.yaml", "digits.db", "mine.db"):
         assert (tmp_path / name).is_file(), name
+
+
+def test_train_names_the_key_of_a_hand_edited_export(tmp_path: Path) -> None:
+    from tuner.config import STUDIES_DIR
+
+    config = tuner.load("digits_mlp").config
+    document = {
+        "objective": "objectives:train",
+        "metric": "accuracy",
+        "config": {**config, "lr": "abc"},  # best.yaml edited by hand
+        "provenance": {"study_file": str(STUDIES_DIR / "digits_mlp.yaml")},
+    }
+    with pytest.raises(tuner.UserError, match=re.escape("lr=abc: lr must be a number")):
+        tuner.train(document, out=tmp_path / "trained")
+    assert tree(tmp_path) == {}

@@ -245,6 +245,7 @@ def train(
             "train needs an exported config (python -m tuner export, or tuner.best_config)."
         )
     flat = flatten(document["config"])
+    _check_types(document, flat)
     changes = {k: coerce_value(k, v, flat) for k, v in flatten_values(overrides).items()}
     document = {**document, "config": merged(document["config"], changes)}
     validate = load_validator(str(document["objective"]))
@@ -339,6 +340,18 @@ def _seconds(key: str, value: Any) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or value <= 0:
         raise UserError(f"{key}={value:g}: {key} must be a number of seconds above 0.")
+
+
+def _check_types(document: Mapping[str, Any], flat: Mapping[str, Any]) -> None:
+    """An exported config's values have the types of its study's defaults (a hand-edited
+    ``lr: abc`` is one line naming the key), where the study file is still there."""
+    source = (document.get("provenance") or {}).get("study_file")
+    if not isinstance(source, str) or not Path(source).is_file():
+        return
+    defaults = flatten(load_study(source).defaults)
+    for key, value in flat.items():
+        if key in defaults:
+            coerce_value(key, value, defaults)
 
 
 def _printer(progress: Progress) -> Callable[[str], None]:
