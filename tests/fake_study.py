@@ -32,6 +32,9 @@ stages: [lr]
 budget:
   trials: {{lr: {trials}}}
 sampler: {{name: random}}
+# The mechanics under test (budgets, workers, signals) count trials: no stop rule ends a stage
+# early and no re-scoring trains beside them (tests/test_closed_loop.py tests those).
+loop: {{stagnation: false, rescore: false}}
 pruner: {{name: none}}
 defaults:
   seed: 0

@@ -4,6 +4,7 @@ Objectives here are plain functions of the config: the decisions are the point, 
 """
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -278,7 +279,13 @@ def test_each_progress_line_says_what_optuna_stored_of_its_trial(study) -> None:
 
     lines: list[str] = []
     storage = storages.open_storage(study.storage)
-    fixed = with_batch(study)
+    # A fixed sampler seed (each process draws its own otherwise), and no stop rule: the
+    # twelve trials are the point.
+    fixed = replace(
+        with_batch(study),
+        sampler={**study.sampler, "seed": 0},
+        loop={**study.loop, "stagnation": False},
+    )
     s = run_stage(
         plan_stage(fixed, "lr", best_of(storage, fixed)), storage, fn, Budget(12, None),
         out=lines.append,
