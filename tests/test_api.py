@@ -323,3 +323,27 @@ def test_train_names_the_key_of_a_hand_edited_export(tmp_path: Path) -> None:
     with pytest.raises(tuner.UserError, match=re.escape("lr=abc: lr must be a number")):
         tuner.train(document, out=tmp_path / "trained")
     assert tree(tmp_path) == {}
+
+
+def test_deterministic_devices_and_a_warm_start_from_python(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    first = small(tmp_path / "a")
+    tuner.run(first, check=False, devices="cpu")
+    start = tuner.export(first, tmp_path / "best.yaml")
+    lines: list[str] = []
+    second = tuner.load(
+        {"name": "second", "stages": ["lr"], "budget": {"trials": {"lr": 2}},
+         "storage": f"sqlite:///{tmp_path}/b.db", "loop": {"rescore": False},
+         "search_spaces": {"lr": {"schedule": None, "warmup": None}},
+         "defaults": {"lr": 1e-4, "epochs": 3, "seed": 0}},
+        objective=peaked,
+    )  # fmt: skip
+    result = tuner.run(second, check=False, deterministic=True, start=start,
+                       progress=lines.append)  # fmt: skip
+    assert any(line.startswith("deterministic:") for line in lines)
+    assert any(line.startswith("warm start from") for line in lines)
+    found = optuna.load_study(study_name="second/lr", storage=result.study.storage)
+    # The start's lr is the first trial's, not the study's own default of 1e-4.
+    assert found.trials[0].params["lr"] == pytest.approx(tuner.best_config(first)["config"]["lr"])
+    with pytest.raises(tuner.UserError, match="devices="):
+        tuner.run(second, check=False, devices="nonsense")
