@@ -191,19 +191,71 @@ def test_a_config_an_earlier_stage_rescored_is_not_trained_again() -> None:
 
 def test_a_stage_stagnates_after_n_trials_without_a_new_best() -> None:
     plan = lr_plan(loop={"widen": True, "rescore": False, "stagnation": 3})
+    # 3 is the setting; the lr stage searches 3 values, 2 trials each: 6.
+    assert closed_loop.patience(plan) == 6
+    assert "its last 6 finished trials" in closed_loop.stop_text(plan)
+    assert closed_loop.patience(lr_plan(loop={"stagnation": 8})) == 8
     study = optuna.create_study(direction="maximize")
     study.add_trial(trial(0, 0.9, 1e-3))
-    for i in range(1, 4):
+    for i in range(1, 7):
         study.add_trial(trial(i, 0.8, 1e-3))
-        assert not closed_loop.stagnated(plan, study), i  # 3 without a new best: not yet more
-    study.add_trial(trial(4, 0.8, 1e-3))
+        assert not closed_loop.stagnated(plan, study), i  # 6 without a new best: not yet more
+    study.add_trial(trial(7, 0.8, 1e-3))
     assert closed_loop.stagnated(plan, study)
     # A widening restarts the count: the stage has new ground to cover.
-    study.set_user_attr(closed_loop.WIDENED, [{"from_trial": 5}])
+    study.set_user_attr(closed_loop.WIDENED, [{"from_trial": 8}])
     assert not closed_loop.stagnated(plan, study)
     off = lr_plan(loop={"widen": True, "rescore": False, "stagnation": False})
     study.set_user_attr(closed_loop.WIDENED, [])
     assert not closed_loop.stagnated(off, study)
+
+
+def test_pruned_trials_count_as_trials_without_a_new_best() -> None:
+    # Most trials of a stage are pruned: counting only COMPLETE ones, a stage whose best came
+    # first would never stop (seen: 30 trials, 25 pruned, no new best after the third).
+    plan = lr_plan(loop={"widen": True, "rescore": False, "stagnation": 3})
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(trial(0, 0.9, 1e-3))
+
+    def pruned(number: int) -> optuna.trial.FrozenTrial:
+        lr = FloatDistribution(3e-4, 3e-2, log=True)
+        t = create_trial(state=TrialState.PRUNED, intermediate_values={1: 0.5, 3: 0.6},
+                         params={"lr": 2e-3}, distributions={"lr": lr})  # fmt: skip
+        t.number = number
+        return t
+
+    for i in range(1, 7):
+        study.add_trial(pruned(i))
+    assert not closed_loop.stagnated(plan, study)
+    study.add_trial(pruned(7))
+    assert closed_loop.stagnated(plan, study)
+    # A pruned trial that reported nothing did not train: it is not counted.
+    fresh = optuna.create_study(direction="maximize")
+    fresh.add_trial(trial(0, 0.9, 1e-3))
+    for _ in range(1, 9):
+        fresh.add_trial(create_trial(state=TrialState.PRUNED))
+    assert not closed_loop.stagnated(plan, fresh)
+
+
+def test_a_widened_range_is_not_widened_again_for_the_same_best_value() -> None:
+    # The best trial was drawn from the first range; once that range is widened, its value
+    # sits inside the new one and must not widen it again (seen: the same widening twice,
+    # and the same "moved" trial run twice).
+    plan = lr_plan()
+    best = trial(3, 0.9, 2.9e-2)
+    [w] = closed_loop.edges(plan, best)
+    records = [{**w.as_dict(), "from_trial": 4}]
+    assert closed_loop.edges(closed_loop.widened(plan, records), best) == []
+
+
+def test_a_stage_whose_values_later_stages_search_again_is_not_rescored() -> None:
+    from tuner.runner import provisional
+
+    plan = lr_plan()
+    # lr and schedule come back in architecture, warmup in refine: the lr stage is provisional.
+    assert provisional(STUDY, plan, ("optimizer", "architecture", "refine")) == plan.space.keys
+    assert provisional(STUDY, plan, ("optimizer", "architecture")) == ()  # warmup is final
+    assert provisional(STUDY, plan, ()) == ()  # stage=lr alone: re-scored
 
 
 def test_the_loop_switches_are_checked(tmp_path: Path) -> None:

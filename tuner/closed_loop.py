@@ -8,14 +8,18 @@ Three rules, each a plain decision with its own study-file switch (``loop:`` in 
   of them the best trial moved into the new part of the range;
 - **rescore** (choose through the noise): the stage's top trials are trained again on other
   seeds (another split and initialization), and the stage's best is the best *mean*, so a
-  lucky validation split does not win; the spread is stored and shown;
-- **stagnation** (stop on a stated rule): a stage stops after N finished trials without a new
-  best, Optuna's ``Terminator`` with ``BestValueStagnationEvaluator``; the time it leaves
-  flows to the stages after it, the refinement stage last.
+  lucky validation split does not win; the spread is stored and shown. A stage whose every
+  value a later stage of the run searches again (the lr stage, before the architecture and
+  refinement stages re-tune the lr and its schedule) is provisional and is not re-scored;
+- **stagnation** (stop on a stated rule): a stage stops after N finished trials (complete or
+  pruned) without a new best, at least ``PER_VALUE`` per value it searches (Optuna's
+  ``BestValueStagnationEvaluator``); the time it leaves flows to the stages after it, the
+  refinement stage last.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import statistics
@@ -41,6 +45,7 @@ EDGE = 0.05  # a value within 5% of a range's width (in its scale) of an edge si
 WIDEN_ROUNDS = 2  # at most this many widenings per stage
 EXTRA_TRIALS = 6  # trials a widening adds to its stage's budget
 WIDENED = "widened"  # study user attr: the widenings, in order
+PER_VALUE = 2  # the stop rule waits at least this many trials per value a stage searches
 
 
 # --- widen --------------------------------------------------------------------------------------
@@ -92,8 +97,10 @@ def edges(plan: StagePlan, best: FrozenTrial) -> list[Widening]:
     for param in plan.space.params:
         if param.choices is not None or param.integer or not param.active(config):
             continue
-        name = param.name(config)
-        dist, value = best.distributions.get(name), best.params.get(name)
+        value = best.params.get(param.name(config))
+        # The range the stage searches now, not the one the trial was drawn from: a best value
+        # at the edge of a range that has been widened since sits inside the new one.
+        dist = param.distribution(config, plan.incumbent)
         if not isinstance(dist, FloatDistribution) or not isinstance(value, (int, float)):
             continue
         where = _position(dist, float(value))
@@ -289,26 +296,60 @@ def _spread_text(values: Sequence[float]) -> str:
 
 
 def stagnated(plan: StagePlan, study: optuna.Study) -> bool:
-    """The stop rule: no new best in the stage's last ``loop.stagnation`` COMPLETE trials
-    (Optuna's ``BestValueStagnationEvaluator``), with at least that many since its last
-    widening. Never for a grid stage (it tries every candidate) or where it is off."""
-    n = plan.study.loop.get("stagnation")
+    """The stop rule: no new best in the stage's last ``patience(plan)`` finished trials, pruned
+    ones included (Optuna's ``BestValueStagnationEvaluator``), with at least that many since
+    its last widening. Never for a grid stage (it tries every candidate) or where it is off."""
+    n = patience(plan)
     if not n or plan.space.grid:
         return False
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    if not any(t.state == TrialState.COMPLETE for t in trials):
+        return False  # nothing to improve on yet
+    finished = _as_complete(trials)
     since = max((int(r.get("from_trial", 0)) for r in study.user_attrs.get(WIDENED, [])),
                 default=0)  # fmt: skip
-    if sum(1 for t in complete if t.number >= since) <= int(n):
+    if sum(1 for t in finished if t.number >= since) <= n:
         return False
-    left = BestValueStagnationEvaluator(max_stagnation_trials=int(n)).evaluate(
-        list(complete), study.direction
+    left = BestValueStagnationEvaluator(max_stagnation_trials=n).evaluate(
+        finished, study.direction
     )
     return left < 0
 
 
-def stop_text(plan: StagePlan) -> str:
+def patience(plan: StagePlan) -> int:
+    """Trials without a new best that end a stage: ``loop.stagnation``, and at least
+    ``PER_VALUE`` per value the stage searches (a stage of 11 values has more ground to cover
+    than one of 3: TPE's random start alone takes ``n_startup_trials``); 0 where it is off."""
     n = plan.study.loop.get("stagnation")
+    if not n:
+        return 0
+    return max(int(n), PER_VALUE * len(plan.space.params))
+
+
+def _as_complete(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """Finished trials as the stagnation evaluator counts them: a pruned trial is a trial
+    without a new best (its value, its last report, is below the median it was pruned at);
+    Optuna's evaluator counts COMPLETE trials only, so a pruned one is passed as one."""
+    out = []
+    for t in trials:
+        if t.state == TrialState.PRUNED:
+            last = t.last_step
+            if last is None or not math.isfinite(t.intermediate_values[last]):
+                continue  # nothing reported: it did not train, it does not count
+            t = copy.copy(t)
+            t.state, t.value = TrialState.COMPLETE, t.intermediate_values[last]
+        elif t.value is None or not math.isfinite(t.value):
+            continue
+        out.append(t)
+    return out
+
+
+def stop_text(plan: StagePlan) -> str:
+    n, setting = patience(plan), plan.study.loop.get("stagnation")
+    rule = f"loop.stagnation={setting}" + (
+        "" if n == setting else f", {PER_VALUE} per searched value"
+    )
     return (
         f"stage {plan.stage} stopped: no new best in its last {n} finished trials (the stop"
-        f" rule loop.stagnation={n}: Optuna's BestValueStagnationEvaluator)"
+        f" rule {rule}: Optuna's BestValueStagnationEvaluator)"
     )

@@ -10,7 +10,9 @@ from tuner.errors import UserError
 LOOP_DEFAULTS: dict[str, Any] = {
     "widen": True,  # a best value at a non-natural edge widens its range; the stage goes on
     "rescore": {"top": 3, "seeds": 2},  # a stage's top trials retrained on other seeds
-    "stagnation": 10,  # a stage stops after this many trials without a new best
+    # A stage stops after this many finished trials (pruned ones too) without a new best, and
+    # at least 2 per value it searches (tuner.closed_loop.patience).
+    "stagnation": 10,
 }
 
 

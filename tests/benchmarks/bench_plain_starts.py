@@ -227,7 +227,9 @@ def run_job(job: dict[str, Any], out: Path) -> dict[str, Any]:
                  if line.startswith("run ended")]  # fmt: skip
         job["ended"] = ended[-1] if ended else "?"
     else:
-        best = bench_quality.incumbent(trials, "joint", math.inf)
+        # What it had found by its budget: ``optimize(timeout=)`` lets the trial running at
+        # the timeout finish (up to 30 s late seen), while staged trials end by the deadline.
+        best = bench_quality.incumbent(trials, "joint", job["budget"])
         winner = None if best is None else best["config"]
         job["ended"] = "timeout"
     last = max((t["end"] for t in trials), default=0.0)
