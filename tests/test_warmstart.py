@@ -55,7 +55,7 @@ def test_start_file_is_every_stages_incumbent_with_its_provenance(tiny: Tiny) ->
     start = flatten(exported["config"])
     study = new_study(tiny, "warm")
     url = f"sqlite:///{tiny.folder}/warm.db"
-    args = ["run", f"study={study}", f"storage={url}", f"start={best}", "trials=8"]
+    args = ["run", f"study={study}", f"storage={url}", f"start={best}", "trials=12"]
     assert in_folder(tiny, [*args, "timeout=60"]) == 0
     first = first_trials(url, "warm")
     assert {"lr", "batch_size", "optimizer", "model.width", "model.dropout"} <= set(tuned)
