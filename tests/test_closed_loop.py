@@ -249,7 +249,7 @@ def test_a_widened_range_is_not_widened_again_for_the_same_best_value() -> None:
 
 
 def test_a_stage_whose_values_later_stages_search_again_is_not_rescored() -> None:
-    from tuner.runner import provisional
+    from tuner.closed_loop import provisional
 
     plan = lr_plan()
     # lr and schedule come back in architecture, warmup in refine: the lr stage is provisional.

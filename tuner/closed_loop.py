@@ -35,9 +35,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search_spaces._space import Param
 from tuner import storage as storages
+from tuner.config import StudyConfig
 from tuner.nested import merged
 from tuner.objective import Objective
-from tuner.plan import StagePlan
+from tuner.plan import StagePlan, load_space
 from tuner.results import RESCORED, best_trial, ranked
 
 Print = Callable[[str], None]
@@ -254,6 +255,15 @@ def rescore(
             values.append(value)
             storages.set_study_user_attrs(study, {RESCORED: scored})
     out(f"  rescored the top {len(candidates)} on {seeds} more seeds: {_summary(study, scored)}")
+
+
+def provisional(study: StudyConfig, plan: StagePlan, after: Sequence[str]) -> tuple[str, ...]:
+    """The keys a stage searches when the stages after it in the run search every one of them
+    again (its choice is provisional: re-scoring it on more seeds would buy nothing the later
+    stages keep); empty when the stage fixes a key no later stage searches."""
+    later = {key for name in after for key in load_space(study, name).keys}
+    keys = plan.space.keys
+    return keys if keys and all(key in later for key in keys) else ()
 
 
 def _known(studies: Sequence[optuna.Study]) -> dict[str, list[float]]:

@@ -134,8 +134,8 @@ def _run(
             continue
         deadline = None if budget.timeout is None else time.time() + budget.timeout
         rescore: dict[str, int] | None = None if plan.space.grid else study.loop["rescore"] or None
-        again = provisional(study, plan, stages[i + 1 :])
-        if rescore and again:
+        again = closed_loop.provisional(study, plan, stages[i + 1 :]) if rescore else ()
+        if again:
             rescore = None
             out(f"   not re-scored: the stages after it search {', '.join(again)} again")
         # The trials stop early enough to leave the re-scoring its share of the stage's time.
@@ -158,15 +158,6 @@ def _run(
     if run_deadline is not None and (ended == OUT_OF_TIME or time.time() >= run_deadline - 1):
         return f"its timeout ({timeout:.0f} s) was spent"
     return ended or "every stage ran its budget of trials"
-
-
-def provisional(study: StudyConfig, plan: StagePlan, after: Sequence[str]) -> tuple[str, ...]:
-    """The keys a stage searches when the stages after it in the run search every one of them
-    again (its choice is provisional: re-scoring it on more seeds would buy nothing the later
-    stages keep); empty when the stage fixes a key no later stage searches."""
-    later = {key for name in after for key in load_space(study, name).keys}
-    keys = plan.space.keys
-    return keys if keys and all(key in later for key in keys) else ()
 
 
 class Stage:

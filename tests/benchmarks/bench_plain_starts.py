@@ -228,7 +228,7 @@ def run_job(job: dict[str, Any], out: Path) -> dict[str, Any]:
         job["ended"] = ended[-1] if ended else "?"
     else:
         # What it had found by its budget: ``optimize(timeout=)`` lets the trial running at
-        # the timeout finish (up to 30 s late seen), while staged trials end by the deadline.
+        # the timeout finish (up to 33 s late seen), while staged trials end by the deadline.
         best = bench_quality.incumbent(trials, "joint", job["budget"])
         winner = None if best is None else best["config"]
         job["ended"] = "timeout"
