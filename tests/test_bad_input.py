@@ -10,11 +10,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from tests import fake_study
 from tests.fs import tree
+from tuner import yamlio
 from tuner.cli import main
 from tuner.config import STUDIES_DIR
 
@@ -163,9 +165,10 @@ def test_no_password_in_any_output_export_note_or_report(
     assert re.search(r"validation accuracy", outputs[2])  # the export did run
 
 
-# --- every option of export, report, status, dashboard and check -------------------------
-# (run's and train's options are above and in test_cli.py.) Each case: one line, exit 2,
-# and the storage's folder and the current folder unchanged, byte for byte.
+# --- every option of export, report, status, dashboard, check and train --------------------
+# (run's options are above and in test_cli.py.) Each case: one line, exit 2, and the
+# storage's folder (which holds the exported best.yaml that train reads) and the current
+# folder unchanged, byte for byte.
 OPTION_CASES = {
     "export": [
         (["outt=best.yaml"], "Unknown config key: outt (did you mean out?)"),
@@ -215,50 +218,91 @@ OPTION_CASES = {
         (["epochs=many"], "epochs=many: epochs must be an integer"),
         (["lrr=1"], "Unknown config key: lrr (did you mean lr?)"),
     ],
+    "train": [  # its base: config=best.yaml, exported from the storage below
+        (["confg=../db/best.yaml"], "Unknown config key: confg (did you mean config?)"),
+        (["outt=trained"], "Unknown config key: outt (did you mean out?)"),
+        (["repeat=2"], "Unknown config key: repeat (did you mean repeats?)"),
+        (["thread=2"], "Unknown config key: thread (did you mean threads?)"),
+        (["lrr=1"], "Unknown config key: lrr (did you mean lr?)"),
+        (["repeats=0"], "repeats=0: repeats must be at least 1"),
+        (["repeats=abc"], "repeats=abc: repeats must be an integer"),
+        (["threads=0"], "threads=0: threads must be at least 1"),
+        (["threads=abc"], "threads=abc: threads must be an integer"),
+        (["epochs=-1"], "epochs=-1: epochs must be a whole number of at least 1"),
+        (["epochs=0"], "epochs=0: epochs must be a whole number of at least 1"),
+        (["seed=-1"], "seed=-1: seed must be a whole number of at least 0"),
+        (["lr=abc"], "lr=abc: lr must be a number"),
+        (["out="], "out=: train needs a folder to write"),
+        (["out=../db/fake.yaml"], "out=../db/fake.yaml is a file"),
+        (["out=/proc/trained"], "out=/proc/trained: cannot write in folder /proc"),
+        (["config="], "config=: train needs an exported config's file"),
+        (["config=nowhere/best.yaml"], "nowhere/best.yaml: no such file"),
+        (["config=../db"], "config=../db is a folder"),
+        (["config=../db/fifo"], "config=../db/fifo is not a regular file"),  # (a read waits)
+        (["config=../db/fake.yaml"], "not an exported config"),
+        (["config=a\x00b"], "a path cannot hold a NUL character"),
+        (["study=../db/fake.yaml"], "Unknown config key: study"),  # train reads no study
+    ],
 }
+# The keys every command but train takes (train reads an exported config, not a storage).
 COMMON = [
     (["storag=sqlite:///other.db"], "Unknown config key: storag (did you mean storage?)"),
     (["study=nowhere/study.yaml"], "does not exist"),
 ]
-OPTION_IDS = [
-    (command, i)
-    for command, cases in OPTION_CASES.items()
-    for i in range(len(cases) + len(COMMON))
-]
+
+
+def option_cases(command: str) -> list[tuple[list[str], str]]:
+    return [*OPTION_CASES[command], *(COMMON if command != "train" else [])]
+
+
+def base_options(command: str, storage_folder: Path, url: str) -> dict[str, str]:
+    """What every case of a command is given besides its mistake."""
+    if command == "train":
+        return {"config": str(storage_folder / "best.yaml")}
+    return {"study": str(storage_folder / "fake.yaml"), "storage": url}
+
+
+OPTION_IDS = [(command, i) for command in OPTION_CASES for i in range(len(option_cases(command)))]
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with a finished fake stage in it (tuner.db), made once for the cases below."""
+    """A folder with a finished fake stage in it (tuner.db) and its export (best.yaml), made
+    once for the cases below."""
     folder = tmp_path_factory.mktemp("finished")
     fake_study.write(folder, trials=2, epochs=1, sleep=0.0)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         assert main(["run", "study=fake.yaml"]) == 0
+        assert main(["export", "study=fake.yaml", "out=best.yaml"]) == 0
     return folder
 
 
 @pytest.fixture()
 def copied(finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A copy of that folder (and a FIFO in it), and the cwd in an empty folder beside it;
-    the storage URL."""
+    the storage URL. The copy's objective (fakeobj.py) is the one train imports, and
+    importing it writes nothing there."""
     shutil.copytree(finished, tmp_path / "db")
     os.mkfifo(tmp_path / "db" / "fifo")
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.syspath_prepend(str(tmp_path / "db"))
+    monkeypatch.delitem(sys.modules, "fakeobj", raising=False)
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
     return f"sqlite:///{tmp_path}/db/tuner.db"
 
 
 @pytest.mark.parametrize(("command", "index"), OPTION_IDS, ids=[f"{c}-{i}" for c, i in OPTION_IDS])
-def test_every_option_of_every_other_command_is_one_line_exit_2_and_nothing_written(
+def test_every_option_of_every_command_but_run_is_one_line_exit_2_and_nothing_written(
     command: str, index: int, copied: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     filled = copied
-    given_, message = [*OPTION_CASES[command], *COMMON][index]
+    given_, message = option_cases(command)[index]
     storage_folder = Path(filled.removeprefix("sqlite:///")).parent
     before = tree(storage_folder)
     given_keys = {a.split("=", 1)[0] for a in given_}
-    base = {"study": str(storage_folder / "fake.yaml"), "storage": filled}
+    base = base_options(command, storage_folder, filled)
     args = [*given_, *(f"{k}={v}" for k, v in base.items() if k not in given_keys)]
     code = main([command, *args])
     err = capsys.readouterr().err
@@ -274,13 +318,37 @@ def test_the_other_commands_run_with_the_cases_base_arguments(
 ) -> None:
     filled = copied
     # The cases above fail for the reason they name: without the mistake, each command works.
-    study = f"study={Path(filled.removeprefix('sqlite:///')).parent / 'fake.yaml'}"
+    storage_folder = Path(filled.removeprefix("sqlite:///")).parent
+    study = f"study={storage_folder / 'fake.yaml'}"
     for args in (["status"], ["export", "out=best.yaml"], ["report", "out=report.csv"]):
         assert main([*args, study, f"storage={filled}"]) == 0, capsys.readouterr().err
+    config = f"config={storage_folder / 'best.yaml'}"
+    assert main(["train", config, "repeats=2", "threads=1", "epochs=1"]) == 0, capsys.readouterr()
+    assert (Path("trained") / "metrics.yaml").is_file()
 
 
-READING_KEYS = {"export": ["out", "stage"], "report": ["out", "format"], "status": []}
+READING_KEYS = {"export": ["out", "stage"], "report": ["out", "format"], "status": [],
+                "train": ["out", "config", "repeats", "threads"]}  # fmt: skip
+OPTION_KEYS = sorted({k for keys in READING_KEYS.values() for k in keys} | {"epochs"})
 PATHS = ["", ".", " ", "a\x00b", "nowhere/x.yaml", "r.csv", "best.yaml", "csv", "html", "lr"]
+
+
+def trains_long(command: str, pairs: dict[str, str]) -> bool:
+    """A train that would run long: over 3 epochs, repeats or threads, or the fake
+    objective's sleep per epoch set (the objective's own keys are its business)."""
+    if command != "train":
+        return False
+    if "sleep" in pairs:
+        return True
+    for key in ("epochs", "repeats", "threads"):
+        for parse in (int, yamlio.parse_value):  # as train's options and config keys read it
+            try:
+                number = parse(pairs.get(key, "0"))
+            except ValueError:
+                continue
+            if isinstance(number, int) and number > 3:
+                return True
+    return False
 
 
 @settings(max_examples=40, deadline=None,
@@ -288,7 +356,7 @@ PATHS = ["", ".", " ", "a\x00b", "nowhere/x.yaml", "r.csv", "best.yaml", "csv", 
 @given(
     command=st.sampled_from(sorted(READING_KEYS)),
     pairs=st.dictionaries(
-        st.one_of(key, st.sampled_from(["out", "stage", "format"])).filter(
+        st.one_of(key, st.sampled_from(OPTION_KEYS)).filter(
             lambda k: k not in NEEDED and "=" not in k
         ),
         st.one_of(value, st.sampled_from(PATHS)), max_size=3,
@@ -296,23 +364,31 @@ PATHS = ["", ".", " ", "a\x00b", "nowhere/x.yaml", "r.csv", "best.yaml", "csv", 
 )  # fmt: skip
 @example(command="export", pairs={"out": ""})
 @example(command="report", pairs={"out": "."})
-def test_random_options_of_the_reading_commands_are_a_result_or_one_line(
+@example(command="train", pairs={"config": ""})
+@example(command="train", pairs={"out": "r.csv", "repeats": "2"})
+def test_random_options_of_the_reading_commands_and_train_are_a_result_or_one_line(
     command: str, pairs: dict[str, str], copied: str, tmp_path_factory: pytest.TempPathFactory,
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    # export, report and status on a real storage, with any options: a result (exit 0,
-    # nothing on stderr, at most the out= file written) or one line and exit 2 (nothing
-    # written); never a traceback, and the storage's folder is never changed.
+    # export, report and status on a real storage, and train on its export, with any
+    # options: a result (exit 0, nothing on stderr, at most the out= file or folder written)
+    # or one line and exit 2 (nothing written); never a traceback, and the storage's folder
+    # is never changed.
     out = pairs.get("out", "")
     assume(not out.startswith(("/", "~")) and ".." not in out)  # stay in the test's folder
+    assume(not trains_long(command, pairs))
     folder = tmp_path_factory.mktemp("random")
     monkeypatch.chdir(folder)
     storage_folder = Path(copied.removeprefix("sqlite:///")).parent
     stored = snapshot(copied)  # (which opens it: SQLite may change its -shm file)
     before = tree(storage_folder)
-    base = [f"study={storage_folder / 'fake.yaml'}", f"storage={copied}"]
-    args = [command, *(f"{k}={v}" for k, v in pairs.items()), *base]
-    code = main(args)
+    base = base_options(command, storage_folder, copied)
+    args = [command, *(f"{k}={v}" for k, v in {**base, **pairs}.items())]
+    threads = torch.get_num_threads()
+    try:
+        code = main(args)
+    finally:
+        torch.set_num_threads(threads)  # train sets them for this process
     err = capsys.readouterr().err
     if code == 0:
         assert err == "", (args, err)

@@ -222,15 +222,7 @@ def check(study: StudyConfig) -> None:
     for stage in study.spaces:
         if stage not in study.stages:
             raise UserError(f"{src}: search_spaces.{stage} names no stage of this study.")
-    config = study.config
-    for key, least in (("seed", 0), ("epochs", 1)):  # tuner reads them: sampler seeds, pruner
-        value = config.get(key)
-        if key in config and (
-            isinstance(value, bool) or not isinstance(value, int) or value < least
-        ):
-            raise UserError(
-                f"{key}={show(value)}: {key} must be a whole number of at least {least}."
-            )
+    check_counts(study.config)
     for section, options in (("sampler", study.sampler), ("pruner", study.pruner)):
         for key, value in options.items():
             if key not in _COUNTS:
@@ -245,6 +237,19 @@ def check(study: StudyConfig) -> None:
                 )
 
     _check_grids(study)
+
+
+def check_counts(config: Mapping[str, Any]) -> None:
+    """A trial config's ``seed`` and ``epochs``, where it has them, are whole numbers of at
+    least 0 and 1: tuner reads them (sampler seeds, the pruner's steps, train's seeds)."""
+    for key, least in (("seed", 0), ("epochs", 1)):
+        value = config.get(key)
+        if key in config and (
+            isinstance(value, bool) or not isinstance(value, int) or value < least
+        ):
+            raise UserError(
+                f"{key}={show(value)}: {key} must be a whole number of at least {least}."
+            )
 
 
 # Counts and seeds of Optuna's samplers and pruners (TPESampler, MedianPruner, HyperbandPruner
@@ -359,9 +364,11 @@ def coerce_override(
     return _coerce_config_key(key, yamlio.parse_value(text), text, flat_config, also_known)
 
 
-def coerce_value(key: str, value: Any, flat_config: Mapping[str, Any]) -> Any:
+def coerce_value(
+    key: str, value: Any, flat_config: Mapping[str, Any], also_known: Iterable[str] = ()
+) -> Any:
     """``coerce_override`` for a value already typed (from Python)."""
-    return _coerce_config_key(key, value, show(value), flat_config)
+    return _coerce_config_key(key, value, show(value), flat_config, also_known)
 
 
 def _coerce_config_key(
