@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from tuner import yamlio
-from tuner.config import apply_overrides, load_study, parse_pairs
+from tuner.coerce import parse_pairs
+from tuner.config import apply_overrides, load_study
 from tuner.errors import UserError
 from tuner.nested import flatten, get_path, merged
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner import files, yamlio
-from tuner.config import coerce_override
+from tuner.coerce import coerce_override
 from tuner.errors import UserError
 from tuner.nested import flatten, merged
 from tuner.objective import accepts_test, load_objective

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuner.coerce import coerce_value
 from tuner.config import (
     DEFAULT_STUDY,
     StudyConfig,
     apply_values,
     check_counts,
-    coerce_value,
     load_study,
     study_from,
 )

@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 
 from tuner import __version__, signals, yamlio
 from tuner import storage as storages
-from tuner.config import DEFAULT_STUDY, Overrides, apply_overrides, load_study, parse_pairs
+from tuner.coerce import parse_pairs
+from tuner.config import DEFAULT_STUDY, Overrides, apply_overrides, load_study
 from tuner.errors import CheckFailed, StageFailed, UserError
 from tuner.text import printable
 

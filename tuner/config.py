@@ -3,12 +3,12 @@
 A study file (``studies/*.yaml``) names the objective, the metric, the stage plan, the
 budget, the sampler and pruner, and ``defaults``: the trial config the objective reads.
 Overrides are strict (nanoGPT's rule): an unknown key is an error that suggests the close
-match, and a value must have the type of the default it replaces.
+match, and a value must have the type of the default it replaces (tuner.coerce types each
+value; this module sorts them into a command's options, study keys and config keys).
 """
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner import yamlio
+from tuner.coerce import coerce, coerce_config_key, did_you_mean, show
 from tuner.errors import UserError
 from tuner.loop_switches import LOOP_DEFAULTS, read_loop
 from tuner.nested import flatten, flatten_values, merged
@@ -126,7 +127,7 @@ def study_path(name: str) -> Path:
     if not path.is_file():
         known = sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))
         raise UserError(
-            f"Unknown study '{name}'{_did_you_mean(name, known)}; studies: {', '.join(known)}"
+            f"Unknown study '{name}'{did_you_mean(name, known)}; studies: {', '.join(known)}"
             " (or study=path/to/study.yaml)."
         )
     return path
@@ -157,7 +158,7 @@ def study_from(data: Any, src: str, default_name: str | None = None) -> StudyCon
     for stage in stages:
         if stage not in KNOWN_STAGES:
             raise UserError(
-                f"{src}: unknown stage '{stage}'{_did_you_mean(str(stage), KNOWN_STAGES)};"
+                f"{src}: unknown stage '{stage}'{did_you_mean(str(stage), KNOWN_STAGES)};"
                 f" stages are {', '.join(KNOWN_STAGES)}."
             )
     budget = data.get("budget") or {}
@@ -295,19 +296,6 @@ class Overrides:
     study: StudyConfig
 
 
-def parse_pairs(args: Iterable[str]) -> dict[str, str]:
-    """``["lr=1e-3", "stage=lr"]`` -> ``{"lr": "1e-3", "stage": "lr"}``, strictly."""
-    pairs: dict[str, str] = {}
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep or not key:
-            raise UserError(f"Arguments are key=value pairs (like lr=0.001), got '{arg}'.")
-        if key in pairs:
-            raise UserError(f"{key} is given twice.")
-        pairs[key] = value
-    return pairs
-
-
 def apply_overrides(
     study: StudyConfig, pairs: Mapping[str, str], options: Mapping[str, type | tuple[type, ...]]
 ) -> Overrides:
@@ -323,15 +311,6 @@ def apply_values(study: StudyConfig, values: Mapping[str, Any]) -> StudyConfig:
     return _apply(study, items, {}).study
 
 
-def show(value: Any) -> str:
-    """A value as a user would have typed it after ``key=``."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
 def _apply(
     study: StudyConfig,
     items: Iterable[tuple[str, Any, str]],
@@ -344,81 +323,17 @@ def _apply(
     pruner, sampler = dict(study.pruner), dict(study.sampler)
     for key, value, text in items:
         if key in options:
-            opts[key] = _coerce(key, value, options[key], text)
+            opts[key] = coerce(key, value, options[key], text)
         elif key in _STUDY_OVERRIDES:
-            changes[key] = _coerce(key, value, str, text)
+            changes[key] = coerce(key, value, str, text)
         elif key.startswith("pruner.") or key.startswith("sampler."):
             (pruner if key.startswith("pruner.") else sampler)[key.split(".", 1)[1]] = value
         else:
             extra = [*options, *_STUDY_OVERRIDES, "pruner.name", "sampler.name"]
-            hand[key] = _coerce_config_key(key, value, text, flat_defaults, extra)
+            hand[key] = coerce_config_key(key, value, text, flat_defaults, extra)
     resolved = replace(study, pruner=pruner, sampler=sampler, overrides=hand, **changes)
     check(resolved)
     return Overrides(options=opts, study=resolved)
-
-
-def coerce_override(
-    key: str, text: str, flat_config: Mapping[str, Any], also_known: Iterable[str] = ()
-) -> Any:
-    """The typed value of ``key=text`` for a config key; unknown keys suggest a close one."""
-    return _coerce_config_key(key, yamlio.parse_value(text), text, flat_config, also_known)
-
-
-def coerce_value(
-    key: str, value: Any, flat_config: Mapping[str, Any], also_known: Iterable[str] = ()
-) -> Any:
-    """``coerce_override`` for a value already typed (from Python)."""
-    return _coerce_config_key(key, value, show(value), flat_config, also_known)
-
-
-def _coerce_config_key(
-    key: str, value: Any, text: str, flat_config: Mapping[str, Any], also_known: Iterable[str] = ()
-) -> Any:
-    if key not in flat_config:
-        known = [*also_known, *flat_config]
-        raise UserError(f"Unknown config key: {key}{_did_you_mean(key, known)}.")
-    return _coerce_like(key, value, flat_config[key], text)
-
-
-def _coerce_like(key: str, value: Any, default: Any, text: str) -> Any:
-    """A value of the default's type: ints widen to floats, nothing else converts."""
-    if default is None or value is None:
-        return value
-    if isinstance(default, bool):
-        return _coerce(key, value, bool, text)
-    if isinstance(default, float):
-        return _coerce(key, value, (float, int), text)
-    return _coerce(key, value, type(default), text)
-
-
-def _coerce(key: str, value: Any, kind: type | tuple[type, ...], text: str) -> Any:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if str in kinds and not isinstance(value, str) and value is not None:
-        return text  # a string option may look like a number ("study=123")
-    if isinstance(value, bool) and bool not in kinds:
-        value = text  # "yes" parsed as True where a string or number is wanted
-    if not isinstance(value, kinds):
-        want = _TYPE_WORDS.get(kinds[0], kinds[0].__name__)
-        raise UserError(f"{key}={text}: {key} must be {want}.")
-    return value
-
-
-_TYPE_WORDS = {
-    int: "an integer",
-    float: "a number (like 0.001)",
-    str: "a string",
-    bool: "true or false",
-    list: "a list (like [1,2])",
-}
-
-
-def _did_you_mean(key: str, known: Iterable[str]) -> str:
-    known = list(known)
-    leaf = [k for k in known if k.rsplit(".", 1)[-1] == key]
-    close = leaf or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _reject_unknown(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
@@ -428,7 +343,7 @@ def _reject_unknown(data: Mapping[str, Any], allowed: set[str], where: str) -> N
                 # Not a key someone typed (a line of some other file, say): not quoted.
                 raise UserError(f"{where}: a key that is not a name; the keys are"
                                 f" {', '.join(sorted(allowed))}.")  # fmt: skip
-            raise UserError(f"{where}: unknown key '{key}'{_did_you_mean(str(key), allowed)}.")
+            raise UserError(f"{where}: unknown key '{key}'{did_you_mean(str(key), allowed)}.")
 
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
