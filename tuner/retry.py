@@ -19,6 +19,7 @@ import sqlalchemy
 from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner import rows
 from tuner import storage as storages
 from tuner.results import SURPLUS
 
@@ -36,7 +37,7 @@ class StaleTrialCallback(optuna.storages.RetryHeartbeatStaleTrialCallback):
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         super().__call__(study, trial)
-        rdb = storages._rdb(study._storage)
+        rdb = rows.rdb_of(study._storage)
         if rdb is not None:
             last = last_heartbeats(rdb, [trial._trial_id]).get(trial._trial_id)
             since = f" (no heartbeat since {last:%Y-%m-%d %H:%M:%S})" if last else ""
@@ -136,7 +137,7 @@ def drop_duplicates(study: optuna.Study) -> None:
 
 def finish(study: optuna.Study) -> None:
     """A stage that has its budget leaves nothing queued: what waits is beyond the budget."""
-    states = storages.trial_states(study)
+    states = rows.trial_states(study)
     if TrialState.WAITING in states.values():
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         fail_waiting(study, waiting)
@@ -145,7 +146,7 @@ def finish(study: optuna.Study) -> None:
 def fail_waiting(study: optuna.Study, trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
     """Fail queued trials as never run (``surplus``), each only if it is still queued (no
     worker took it meanwhile); returns those failed."""
-    rdb = storages._rdb(study._storage)
+    rdb = rows.rdb_of(study._storage)
     failed = []
     for trial in trials:
         if rdb is None:
@@ -167,14 +168,14 @@ def fail_waiting(study: optuna.Study, trials: Iterable[FrozenTrial]) -> list[Fro
 
 def _set_attrs(rdb: optuna.storages.RDBStorage, trial_id: int, attrs: dict[str, Any]) -> None:
     """User attrs of a trial, finished or not (Optuna refuses to write a finished one's)."""
-    if rdb.engine.name not in storages._UPSERT:
+    if rdb.engine.name not in rows.UPSERT:
         return
-    statement = storages._upsert_statement(rdb.engine.name, storages._USER_ATTRS)
-    rows = [
+    statement = rows.upsert_statement(rdb.engine.name, rows.USER_ATTRS)
+    values = [
         {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()
     ]
     with rdb.engine.begin() as connection:
-        connection.execute(statement, rows)
+        connection.execute(statement, values)
 
 
 def last_heartbeats(
@@ -204,7 +205,7 @@ class Stale:
 def stale_trials(study: optuna.Study) -> list[Stale]:
     """The running trials of a stage whose heartbeat has been silent longer than its grace
     period (recorded with the trial; else the default's)."""
-    rdb = storages._rdb(study._storage)
+    rdb = rows.rdb_of(study._storage)
     if rdb is None:
         return []
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
