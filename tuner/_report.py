@@ -3,7 +3,7 @@
 The HTML holds what each stage bought (the staircase of best values), each stage's
 optimization history, parameter importances and learning curves, the exported config and
 the diagnostics. plotly.js is inlined once, so the file opens offline, from anywhere.
-``format=csv`` writes every trial of every stage as one table instead.
+``format=csv`` writes every trial of every stage as one table instead (tuner._report_csv).
 """
 
 from __future__ import annotations
@@ -19,24 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner import __version__, files, notes
 from tuner import _export as export
+from tuner import _report_csv as report_csv
 from tuner import storage as storages
 from tuner._status import StageStatus, collect
 from tuner.config import StudyConfig
 from tuner.errors import UserError
-from tuner.text import spreadsheet_cell
 
 FORMATS = ("html", "csv")
 CURVES = 5  # learning curves drawn per stage: its best trials
-# User attrs that go into the CSV table (the config is there as the params; tracebacks and
-# confusion matrices are too long for a cell).
-CSV_ATTRS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "roc_auc", "loss",
-             "rmse", "mae", "r2", "best_epoch", "stop_reason", "samples_per_s",
-             "peak_memory_mb", "trial_seconds", "error")  # fmt: skip
 
 
 @dataclass
@@ -66,13 +60,7 @@ def make(study: StudyConfig, out: str | None = None, format: str | None = None) 
     path = files.check_file(out if out is not None else f"report.{format}",
                             example=f"report.{format}")  # fmt: skip
     stages = load(study)
-    # CRLF rows (RFC 4180): a cell with a CR in it is quoted, not split into two rows.
-    text = (
-        spreadsheet_safe(table(study, stages)).to_csv(index=False, lineterminator="\r\n")
-        if format == "csv"
-        else ""
-    )
-    _write(path, text or page(study, stages))
+    _write(path, report_csv.text(study, stages) if format == "csv" else page(study, stages))
     return path
 
 
@@ -94,45 +82,6 @@ def load(study: StudyConfig) -> list[Stage]:
             f" {storages.mask(study.storage)}; run `python -m tuner run` first."
         )
     return stages
-
-
-# --- the CSV table ---------------------------------------------------------------------------
-
-
-def table(study: StudyConfig, stages: Sequence[Stage]) -> pd.DataFrame:
-    """One row per trial of every stage: stage, number, state, value, params, key attrs."""
-    rows: list[dict[str, Any]] = []
-    params: dict[str, None] = {}  # the param columns, in the order they first appear
-    for stage in stages:
-        if stage.study is None:
-            continue
-        for t in stage.study.get_trials(deepcopy=False):
-            row: dict[str, Any] = {
-                "stage": stage.status.stage,
-                "number": t.number,
-                "state": t.state.name,
-                "value": t.value,
-                "seconds": t.duration.total_seconds() if t.duration else None,
-            }
-            for name, value in t.params.items():
-                params.setdefault(f"params_{name}", None)
-                row[f"params_{name}"] = value
-            row.update({k: t.user_attrs[k] for k in CSV_ATTRS if k in t.user_attrs})
-            rows.append(row)
-    head = ["stage", "number", "state", "value", "seconds", *params]
-    frame = pd.DataFrame(rows)
-    columns = [*head, *(c for c in CSV_ATTRS if c in frame.columns)]
-    return frame.reindex(columns=columns).convert_dtypes()
-
-
-def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
-    """The table with every text cell that would start a formula neutralised (see
-    ``spreadsheet_cell``); numbers are left alone."""
-    frame = frame.copy()
-    for column in frame.columns:
-        if not pd.api.types.is_numeric_dtype(frame[column]):
-            frame[column] = frame[column].astype(object).map(spreadsheet_cell)
-    return frame
 
 
 # --- the HTML page ----------------------------------------------------------------------------
