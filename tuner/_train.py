@@ -13,13 +13,52 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from tuner import _export as export
 from tuner import files, yamlio
-from tuner.coerce import coerce_override
+from tuner.coerce import coerce_override, coerce_value
+from tuner.config import check_counts, load_study
 from tuner.errors import UserError
-from tuner.nested import flatten, merged
-from tuner.objective import accepts_test, load_objective
+from tuner.nested import flatten, flatten_values, merged
+from tuner.objective import accepts_test, load_objective, load_validator
 
 Print = Callable[[str], None]
+
+
+# ``train``'s own options, which a mistyped config key may have meant (``outt=``).
+OPTIONS = ("config", "out", "repeats", "threads")
+
+
+def prepare(
+    config: str | Path | Mapping[str, Any], overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The exported document to train (read from ``config``, a file, or given as a mapping)
+    with ``overrides`` set, checked before anything trains or is written: each value has the
+    type of the config's (and of its study's defaults), the objective imports, its module's
+    ``validate`` accepts the config, and ``seed`` and ``epochs`` are counts."""
+    if isinstance(config, (str, Path)):
+        document = export.read(_config_file(str(config)))
+    else:
+        document = dict(config)
+    if "config" not in document or "objective" not in document:
+        raise UserError(
+            "train needs an exported config (python -m tuner export, or tuner.best_config)."
+        )
+    flat = flatten(document["config"])
+    _check_types(document, flat)
+    changes = {
+        k: coerce_value(k, v, flat, also_known=OPTIONS)
+        for k, v in flatten_values(overrides).items()
+    }
+    document = {**document, "config": merged(document["config"], changes)}
+    load_objective(str(document["objective"]))  # one line where it cannot be imported
+    validate = load_validator(str(document["objective"]))
+    if validate is not None:
+        try:
+            validate(document["config"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(str(exc)) from None
+    check_counts(document["config"])  # what an objective without a validator may not check
+    return document
 
 
 def train(
@@ -90,6 +129,34 @@ def train(
         print_(_spread_line(spread, metric))
     print_(f"saved {folder / 'metrics.yaml'}" + (f" and {saved}" if saved else ""))
     return summary
+
+
+def _config_file(config: str) -> str:
+    """``config=`` names a file that can be read: not empty, not a folder, not a FIFO (a
+    read would wait for a writer forever), no NUL character."""
+    example = "e.g. config=best.yaml (python -m tuner export writes it)"
+    if not config.strip():
+        raise UserError(f"config={config}: train needs an exported config's file, {example}.")
+    if "\x00" in config:
+        raise UserError(f"config={config!r}: a path cannot hold a NUL character.")
+    path = Path(config)
+    if path.is_dir():
+        raise UserError(f"config={config} is a folder; give an exported config's file, {example}.")
+    if path.exists() and not path.is_file():
+        raise UserError(f"config={config} is not a regular file; give an exported config's file.")
+    return config
+
+
+def _check_types(document: Mapping[str, Any], flat: Mapping[str, Any]) -> None:
+    """An exported config's values have the types of its study's defaults (a hand-edited
+    ``lr: abc`` is one line naming the key), where the study file is still there."""
+    source = (document.get("provenance") or {}).get("study_file")
+    if not isinstance(source, str) or not Path(source).is_file():
+        return
+    defaults = flatten(load_study(source).defaults)
+    for key, value in flat.items():
+        if key in defaults:
+            coerce_value(key, value, defaults)
 
 
 def _seeds(config: Mapping[str, Any], repeats: int) -> list[int]:

@@ -28,32 +28,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tuner.coerce import coerce_value
 from tuner.config import (
     DEFAULT_STUDY,
     StudyConfig,
     apply_values,
-    check_counts,
     load_study,
     study_from,
 )
 from tuner.errors import UserError
-from tuner.nested import flatten, flatten_values, merged
-from tuner.objective import (
-    Objective,
-    load_objective,
-    load_validator,
-    not_importable,
-    register,
-)
+from tuner.objective import Objective, not_importable, register
 
 if TYPE_CHECKING:
     from tuner._status import StageStatus
     from tuner.checks import Check
 
 Progress = bool | Callable[[str], None]
-# ``train``'s own options, which a mistyped config key may have meant (``outt=``).
-TRAIN_OPTIONS = ("config", "out", "repeats", "threads")
 
 
 @dataclass(frozen=True)
@@ -240,7 +229,6 @@ def train(
         progress: As for ``run``.
         overrides: Config keys to change, typed as in the config.
     """
-    from tuner import _export as export_
     from tuner import _train as train_
 
     _at_least("repeats", repeats, 1)
@@ -248,29 +236,7 @@ def train(
         _at_least("threads", threads, 1)
     if not str(out):
         raise UserError("out=: train needs a folder to write (out=trained).")
-    if isinstance(config, (str, Path)):
-        document = export_.read(_config_file(str(config)))
-    else:
-        document = dict(config)
-    if "config" not in document or "objective" not in document:
-        raise UserError(
-            "train needs an exported config (python -m tuner export, or tuner.best_config)."
-        )
-    flat = flatten(document["config"])
-    _check_types(document, flat)
-    changes = {
-        k: coerce_value(k, v, flat, also_known=TRAIN_OPTIONS)
-        for k, v in flatten_values(overrides).items()
-    }
-    document = {**document, "config": merged(document["config"], changes)}
-    load_objective(str(document["objective"]))  # one line where it cannot be imported
-    validate = load_validator(str(document["objective"]))
-    if validate is not None:
-        try:
-            validate(document["config"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UserError(str(exc)) from None
-    check_counts(document["config"])  # what an objective without a validator may not check
+    document = train_.prepare(config, overrides)
     _set_threads(threads)
     return train_.train(
         document,
@@ -357,34 +323,6 @@ def _seconds(key: str, value: Any) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or value <= 0:
         raise UserError(f"{key}={value:g}: {key} must be a number of seconds above 0.")
-
-
-def _config_file(config: str) -> str:
-    """``config=`` names a file that can be read: not empty, not a folder, not a FIFO (a
-    read would wait for a writer forever), no NUL character."""
-    example = "e.g. config=best.yaml (python -m tuner export writes it)"
-    if not config.strip():
-        raise UserError(f"config={config}: train needs an exported config's file, {example}.")
-    if "\x00" in config:
-        raise UserError(f"config={config!r}: a path cannot hold a NUL character.")
-    path = Path(config)
-    if path.is_dir():
-        raise UserError(f"config={config} is a folder; give an exported config's file, {example}.")
-    if path.exists() and not path.is_file():
-        raise UserError(f"config={config} is not a regular file; give an exported config's file.")
-    return config
-
-
-def _check_types(document: Mapping[str, Any], flat: Mapping[str, Any]) -> None:
-    """An exported config's values have the types of its study's defaults (a hand-edited
-    ``lr: abc`` is one line naming the key), where the study file is still there."""
-    source = (document.get("provenance") or {}).get("study_file")
-    if not isinstance(source, str) or not Path(source).is_file():
-        return
-    defaults = flatten(load_study(source).defaults)
-    for key, value in flat.items():
-        if key in defaults:
-            coerce_value(key, value, defaults)
 
 
 def _printer(progress: Progress) -> Callable[[str], None]:
