@@ -12,6 +12,7 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
+from tests import fake_study
 from tests.browser import colours, render
 from tests.tiny_study import STAGES, Tiny, expect_user_error, run_tiny
 from tuner import _report as report
@@ -69,6 +70,20 @@ def test_csv_has_one_row_per_trial(tiny: Tiny) -> None:
     assert list(table.columns[:5]) == ["stage", "number", "state", "value", "seconds"]
     assert {"params_lr", "params_batch_size", "accuracy", "stop_reason"} <= set(table.columns)
     assert set(table["stage"]) == set(STAGES)
+
+
+def test_csv_says_where_each_trial_trained_and_its_sampler_seed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_study.write(tmp_path, trials=3, epochs=1, sleep=0.0)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "study=fake.yaml", "devices=cpu", "check=false"]) == 0
+    assert main(["report", "study=fake.yaml", "format=csv", "out=trials.csv"]) == 0
+    table = pd.read_csv(tmp_path / "trials.csv")
+    assert len(table) == 3
+    assert list(table["device"]) == ["cpu"] * 3  # as each trial recorded it
+    stored = optuna.load_study(study_name="fake/lr", storage=f"sqlite:///{tmp_path}/tuner.db")
+    assert list(table["sampler_seed"]) == [t.user_attrs["sampler_seed"] for t in stored.trials]
 
 
 @pytest.mark.parametrize(

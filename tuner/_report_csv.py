@@ -15,10 +15,11 @@ if TYPE_CHECKING:
     from tuner._report import Stage
 
 # User attrs that go into the CSV table (the config is there as the params; tracebacks and
-# confusion matrices are too long for a cell).
+# confusion matrices are too long for a cell). ``device`` is where the trial trained (where
+# the run assigned devices: tuner.devices), ``sampler_seed`` the seed its process drew with.
 CSV_ATTRS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "roc_auc", "loss",
              "rmse", "mae", "r2", "best_epoch", "stop_reason", "samples_per_s",
-             "peak_memory_mb", "trial_seconds", "error")  # fmt: skip
+             "peak_memory_mb", "trial_seconds", "device", "sampler_seed", "error")  # fmt: skip
 
 
 def text(study: StudyConfig, stages: Sequence[Stage]) -> str:
