@@ -1,5 +1,6 @@
 """pyproject.toml declares what the code imports, and pins Optuna to what the suite runs on
-(tuner.storage uses Optuna's private tables, which may change in any minor version)."""
+(tuner.rows and tuner.retry use Optuna's private tables, which may change in any minor
+version)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """tuner: staged hyperparameter tuning of PyTorch models on Optuna.
 
 The stages follow the tuning playbook's order (batch size, learning rate, optimizer,
-architecture); each stage is one Optuna study whose fixed values are the best ones the
-stages before it found.
+architecture, then a refinement of the lr and its schedule on the final net); each stage is
+one Optuna study whose fixed values are the best ones the stages before it found.
 
 Example:
     >>> import tuner

@@ -8,7 +8,7 @@ Example (a short run of the digits study in a fresh folder):
     >>> study = tuner.load("digits_mlp", epochs=3, storage="sqlite:///digits.db")
     >>> result = tuner.run(study, trials=8)            # quiet unless progress=True
     >>> [row.stage for row in result.stages]
-    ['batch_size', 'lr', 'optimizer', 'architecture']
+    ['batch_size', 'lr', 'optimizer', 'architecture', 'refine']
     >>> best = tuner.best_config(study)                # the document `export` writes
     >>> metrics = tuner.train(best, out="trained")     # train it, score the test split once
 

@@ -27,7 +27,8 @@ tuner {__version__}: staged hyperparameter tuning of PyTorch models on Optuna
 usage: python -m tuner COMMAND [key=value ...]
 
 commands:
-  run       tune: all stages in order (batch_size, lr, optimizer, architecture), or stage=NAME
+  run       tune: the study's stages in order (batch_size, lr, optimizer, architecture,
+            refine), or stage=NAME
   status    a table of the stages: trials, best value and params, fixed values and their source
   export    write the best config, complete and with its provenance, as YAML (out=best.yaml)
   train     train an exported config and score the test split once (config=best.yaml)
