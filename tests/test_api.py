@@ -6,9 +6,12 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -347,3 +350,32 @@ def test_deterministic_devices_and_a_warm_start_from_python(tmp_path: Path) -> N
     assert found.trials[0].params["lr"] == pytest.approx(tuner.best_config(first)["config"]["lr"])
     with pytest.raises(tuner.UserError, match="devices="):
         tuner.run(second, check=False, devices="nonsense")
+
+
+# --- what a run from Python leaves behind in the caller's process, as the command line does ---
+
+
+def test_an_interrupted_run_puts_back_the_signal_handlers_it_found(tmp_path: Path) -> None:
+    def callers(signum: int, frame: Any) -> None:  # a notebook's own handler, say
+        raise KeyboardInterrupt
+
+    def interrupted(config: dict[str, Any], report: Any) -> dict[str, Any]:
+        os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, mid-trial
+        time.sleep(10)  # the interrupt ends this
+        return peaked(config, report)
+
+    study = small(tmp_path, objective=interrupted)
+    saved = {signum: signal.signal(signum, callers) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tuner.run(study, check=False)
+        # The caller's handlers, not the run's "end at once" that an interrupt leaves behind:
+        # the next Ctrl-C in the notebook must not kill its kernel.
+        assert signal.getsignal(signal.SIGINT) is callers
+        assert signal.getsignal(signal.SIGTERM) is callers
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    (trial,) = optuna.load_study(study_name="small/lr", storage=study.storage).trials
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert trial.user_attrs["stop_reason"] == "interrupted"

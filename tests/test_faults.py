@@ -5,6 +5,8 @@ commands side by side draw their own trials; a dead trial shows as stale."""
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -82,6 +84,46 @@ def test_sigterm_to_the_run_alone_interrupts_every_worker(tmp_path: Path) -> Non
             assert trial.state == TrialState.FAIL
             assert trial.user_attrs["stop_reason"] == "interrupted"
     assert len(finished(storage)) < 12  # the worker did not go on with the stage
+
+
+SCRIPT = """
+import sys
+
+import tuner
+
+if __name__ == "__main__":  # the worker processes import this file too
+    try:
+        tuner.run(tuner.load("fake.yaml"), workers=2, check=False)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+"""
+
+
+def test_sigterm_to_a_python_script_running_tuner_interrupts_every_worker(tmp_path: Path) -> None:
+    # tuner.run from a script, not the command line: the same handling of the signal.
+    fake_study.write(tmp_path, trials=12, epochs=6, sleep=0.5)
+    (tmp_path / "tune.py").write_text(SCRIPT)
+    storage = f"sqlite:///{tmp_path}/tuner.db"
+    run = subprocess.Popen(
+        [sys.executable, "tune.py"], cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_for(lambda: running_in(storage, run.pid) and running_in(storage, run.pid, other=True))
+    cut = {t.number for t in trials(storage) if t.state == TrialState.RUNNING}
+    workers = {t.user_attrs["pid"] for t in running_in(storage, run.pid, other=True)}
+    os.kill(run.pid, signal.SIGTERM)  # the script's PID alone
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err  # the script caught it as KeyboardInterrupt
+    assert err.strip() == "interrupted"
+    after = trials(storage)
+    assert not [t for t in after if t.state == TrialState.RUNNING]
+    for trial in after:
+        if trial.number in cut:  # the script's trial and the worker's
+            assert trial.state == TrialState.FAIL
+            assert trial.user_attrs["stop_reason"] == "interrupted"
+    assert len(finished(storage)) < 12  # the worker did not go on with the stage
+    assert not any(alive(pid) for pid in workers)
 
 
 def test_the_workers_of_a_killed_run_stop_and_mark_their_trial(tmp_path: Path) -> None:

@@ -142,7 +142,7 @@ def run(
     """
     from tuner import _status as status
     from tuner import devices as gpus
-    from tuner import race, runner, warmstart
+    from tuner import race, runner, signals, warmstart
     from tuner import storage as storages
 
     heartbeat = storages.HEARTBEAT_SECONDS if heartbeat is None else heartbeat
@@ -164,7 +164,7 @@ def run(
             " it in a module (a .py file) and pass it from there, or use workers=1."
         )
     started = time.time()
-    with _quiet_optuna():
+    with _quiet_optuna(), signals.installed():
         ended = runner.run(
             study,
             stage=stage,

@@ -94,8 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tuner {__version__}")
         return 0
     _quiet_libraries()
-    signals.install()
-    command, rest = args[0], args[1:]
+    with signals.installed():  # SIGTERM as Ctrl-C (tuner.signals); as they were on return
+        return _command(args[0], args[1:])
+
+
+def _command(command: str, rest: list[str]) -> int:
+    """Run one command; its errors as one line and an exit status."""
     handlers: dict[str, Callable[[list[str]], int]] = {
         "run": _run, "status": _status, "export": _export, "train": _train,
         "dashboard": _dashboard, "report": _report, "check": _check,
@@ -117,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tuner: {_one_line(storages.mask(str(exc)))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        signals.exit_on_next_interrupt()  # a second one while this is said ends it at once
         print(
             "tuner: interrupted; finished trials are kept, run again to resume.", file=sys.stderr
         )

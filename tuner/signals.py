@@ -9,6 +9,10 @@ A run's worker processes (``workers=N``) are a process group of their own, so th
 a terminal reaches only the run: the run passes each interrupt on to them, once, as it
 comes, whether it came from the terminal or from ``kill`` of the run's PID alone (what
 Kubernetes and systemd send).
+
+``installed()`` holds these handlers for the length of a run and then puts back the ones it
+found, so that ``tuner.run`` in a notebook leaves the kernel's Ctrl-C as it was, even after
+an interrupt (which leaves "end at once" behind it).
 """
 
 from __future__ import annotations
@@ -16,12 +20,33 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 
 EXIT_STATUS = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 _forward: list[Callable[[], Iterable[int]]] = []  # the PIDs that an interrupt is passed to
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    """``install`` for the length of the block, then the handlers that were there before, on
+    every exit (an interrupt included). Outside the main thread, where Python lets no one set
+    handlers, it does nothing: the main thread's handlers stand."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.getsignal(signum) for signum in _SIGNALS}
+    install()
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            # None: a handler set outside Python, which cannot be put back; the default is
+            # closer to it than ours.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def install() -> None:
