@@ -379,3 +379,65 @@ def test_an_interrupted_run_puts_back_the_signal_handlers_it_found(tmp_path: Pat
     (trial,) = optuna.load_study(study_name="small/lr", storage=study.storage).trials
     assert trial.state == optuna.trial.TrialState.FAIL
     assert trial.user_attrs["stop_reason"] == "interrupted"
+
+
+def seen_device(config: dict[str, Any], report: Any) -> dict[str, Any]:
+    """What the trial's process has as CUDA_VISIBLE_DEVICES (no CUDA use: fake GPUs)."""
+    return {"accuracy": config["lr"], "seen": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def test_a_run_puts_back_the_callers_cuda_visible_devices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def devices_of(study: tuner.StudyConfig) -> list[tuple[Any, Any]]:
+        found = optuna.load_study(study_name="small/lr", storage=study.storage)
+        return [(t.user_attrs["seen"], t.user_attrs.get("device")) for t in found.trials]
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # two "visible GPUs"
+    (tmp_path / "a").mkdir()
+    study = small(tmp_path / "a", objective=seen_device)
+    tuner.run(study, trials=2, devices="1", check=False)
+    assert devices_of(study) == [("7", "cuda:7")] * 2  # this process's trials on GPU 7
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"  # and the caller's setting after
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    (tmp_path / "b").mkdir()
+    study = small(tmp_path / "b", objective=seen_device)
+    tuner.run(study, trials=1, devices="cpu", check=False)
+    assert devices_of(study) == [("", "cpu")]
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ  # unset, as it was
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: the next run assigns none ...
+    (tmp_path / "c").mkdir()
+    study = small(tmp_path / "c", objective=seen_device)
+    tuner.run(study, trials=1, check=False)
+    assert devices_of(study) == [("", None)]  # ... and records none, not the last run's
+
+
+def test_a_run_where_cuda_has_started_keeps_to_its_gpu_or_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # two "visible GPUs" ...
+    # ... and CUDA started on the first of them, as after ``x.cuda()`` in a notebook.
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    study = small(tmp_path, objective=seen_device)
+    for devices, message in [
+        ("1", "this process's trials would run on GPU 7, but CUDA has started in this process"
+              " already (on GPU 5), and CUDA_VISIBLE_DEVICES cannot change: list GPU 0 first"
+              " in devices= (devices=0,...), or call tuner.run before anything uses CUDA"),
+        ("cpu", "devices=cpu: CUDA has started in this process already (on GPU 5), and"
+                " CUDA_VISIBLE_DEVICES cannot change: use device=cpu to train on the CPU"),
+    ]:  # fmt: skip
+        with pytest.raises(tuner.UserError) as caught:
+            tuner.run(study, devices=devices, check=False)
+        assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+        assert tree(tmp_path) == {}  # refused before anything was written
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"
+    # The GPU it has already is the one asked for: this process's trials run on it.
+    tuner.run(study, trials=1, devices="0", check=False)
+    (trial,) = optuna.load_study(study_name="small/lr", storage=study.storage).trials
+    assert trial.user_attrs["device"] == "cuda:5"
+    assert trial.user_attrs["seen"] == "5,7"  # nothing was set: it could not hold

@@ -115,6 +115,11 @@ def run(
 ) -> RunResult:
     """Tune: every stage in order, or one ``stage``; a re-run resumes where it stopped.
 
+    As on the command line, SIGTERM interrupts the run as Ctrl-C does (KeyboardInterrupt; the
+    running trials, the worker processes' too, are recorded as interrupted); the caller's
+    signal handlers are put back when it returns or raises. So is ``CUDA_VISIBLE_DEVICES``,
+    which the run sets in this process for its trials here (see ``devices``).
+
     Args:
         study: From ``load``.
         stage: One stage only (``"lr"``); by default all, each fixing the best values of the
@@ -134,7 +139,8 @@ def run(
             (``budget.samples``), so that one seed gives the same trials on any machine (None:
             the study file's ``deterministic``).
         devices: GPUs for the worker processes, one each (``"0,1"``; ``"cpu"``: none); by
-            default every visible GPU.
+            default every visible GPU. This process takes the first: where it has started
+            CUDA already, only the GPU it uses will do (anything else raises UserError).
         start: A warm start: an exported config (``best.yaml``) or another study of the same
             storage, whose tuned values every stage starts from.
         progress: False prints nothing, True prints a line per trial, a function receives

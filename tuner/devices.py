@@ -6,13 +6,20 @@ only way to run two trials on one GPU), and by default every visible GPU takes o
 (``workers=`` may ask for fewer). A worker's device is set as ``CUDA_VISIBLE_DEVICES`` in its
 process before torch is imported there, so the objective's ``device: auto`` (or ``cuda``)
 is that GPU, and every trial records it (user attr ``device``). Nothing here imports torch.
+
+The run's own process takes the first device. From Python (``tuner.run``) that process is the
+caller's: its ``CUDA_VISIBLE_DEVICES`` is set for the run and put back after it. Where the
+caller has already started CUDA, the variable can no longer take effect: the run's trials
+here go on the GPU the process already uses when that is the one asked for, and otherwise the
+run stops before it starts, with one line saying what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,15 +126,51 @@ def resolve(text: Any, workers: int | None, device: str) -> list[str | None]:
 
 def use(value: str | None) -> None:
     """Make ``value`` this process's ``CUDA_VISIBLE_DEVICES`` (None: leave it); call it before
-    torch is imported here, since CUDA reads it once."""
+    torch is imported here, since CUDA reads it once. Where CUDA has started already, the GPU
+    it uses here must be ``value`` (nothing is set then); otherwise a UserError says what to
+    do."""
     global _assigned
     if value is None:
         return
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
-        raise RuntimeError(f"{ENV} set after CUDA started in this process: it would not hold")
-    os.environ[ENV] = value
+        here = visible()  # as CUDA numbers them in this process
+        current = torch.cuda.current_device()
+        now = here[current] if current < len(here) else str(current)
+        if value != now:
+            raise UserError(_started(value, now, current))
+    else:
+        os.environ[ENV] = value
     _assigned = value
+
+
+@contextlib.contextmanager
+def used(value: str | None) -> Iterator[None]:
+    """``use(value)`` for the length of a run; then this process's ``CUDA_VISIBLE_DEVICES``
+    (set, or not) and its trials' device as they were before."""
+    global _assigned
+    saved, assigned = os.environ.get(ENV), _assigned
+    try:
+        use(value)
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = saved
+        _assigned = assigned
+
+
+def _started(value: str, now: str, current: int) -> str:
+    """Why this process cannot train on ``value``: CUDA has started here, on ``now``."""
+    late = f"CUDA has started in this process already (on GPU {now}), and {ENV} cannot change"
+    fresh = "call tuner.run before anything uses CUDA (in a fresh kernel, or earlier in a script)"
+    if not value:
+        return f"devices=cpu: {late}: use device=cpu to train on the CPU, or {fresh}."
+    return (
+        f"this process's trials would run on GPU {value}, but {late}: list GPU {current} first"
+        f" in devices= (devices={current},...), or {fresh}."
+    )
 
 
 def label(value: str | None) -> str | None:

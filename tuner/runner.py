@@ -78,13 +78,16 @@ def run(
     the stage's budget; the next stage is planned when all are done. Each process trains with
     ``threads`` torch threads (None: this one keeps torch's setting, the others take one);
     ``devices`` holds each worker process's ``CUDA_VISIBLE_DEVICES`` (tuner.devices), this
-    process's first (set before torch loads here).
+    process's first (set before torch loads here, and put back as it was after the run).
     """
     stages = (stage,) if stage else study.stages
     storage = storages.open_existing(study.storage, heartbeat=heartbeat)
     first = plan_stage(study, stages[0], best_of(storage, study))  # may refuse: nothing written
-    gpus.use(devices[0] if devices else None)
-    with Pool(workers - 1, heartbeat, study.objective, threads or 1, devices[1:]) as helpers:
+    here, others = (devices[0], devices[1:]) if devices else (None, ())
+    with (
+        gpus.used(here),
+        Pool(workers - 1, heartbeat, study.objective, threads or 1, others) as helpers,
+    ):
         set_threads(threads)  # imports torch (2 s): the workers above start beside it
         return _run(
             study, stage, first, storage, helpers, trials, timeout, restart, check, out, draw
