@@ -441,3 +441,25 @@ def test_a_run_where_cuda_has_started_keeps_to_its_gpu_or_says_what_to_do(
     (trial,) = optuna.load_study(study_name="small/lr", storage=study.storage).trials
     assert trial.user_attrs["device"] == "cuda:5"
     assert trial.user_attrs["seen"] == "5,7"  # nothing was set: it could not hold
+
+
+def test_worker_processes_print_nothing_unless_progress_asks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))  # fakeobj, for this process and its workers
+    path = fake_study.write(tmp_path, trials=8, epochs=4, sleep=0.5)  # the worker starts in time
+    for name in ("quiet", "given"):  # progress=False, and a function (True prints the same)
+        study = tuner.load(path, storage=f"sqlite:///{tmp_path}/{name}.db")
+        lines: list[str] = []
+        capfd.readouterr()
+        progress = lines.append if name == "given" else False
+        tuner.run(study, workers=2, check=False, progress=progress)
+        out, err = capfd.readouterr()
+        found = optuna.load_study(study_name="fake/lr", storage=study.storage).trials
+        done = [t for t in found if t.state == optuna.trial.TrialState.COMPLETE]
+        assert len({t.user_attrs["pid"] for t in done}) == 2  # the worker ran trials too
+        assert out == "", out  # nothing printed, by this process or its workers
+        if name == "given":  # each trial's line, the worker's too, handed to the function
+            numbers = re.findall(r"^\[lr \d+/\d+\] #(\d+) ", "\n".join(lines), re.M)
+            assert sorted(map(int, numbers)) == sorted(t.number for t in done), lines
+        assert "Traceback" not in err

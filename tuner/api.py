@@ -144,7 +144,7 @@ def run(
         start: A warm start: an exported config (``best.yaml``) or another study of the same
             storage, whose tuned values every stage starts from.
         progress: False prints nothing, True prints a line per trial, a function receives
-            each line.
+            each line; the worker processes' lines too (on another thread of this process).
     """
     from tuner import _status as status
     from tuner import devices as gpus

@@ -8,6 +8,10 @@ A worker that dies (the kernel's OOM killer, ``kill -9``) is replaced, and the n
 its share of the stage; the dead one's trial is failed by its heartbeat and run again. An
 interrupt of the run is passed on to every worker (tuner.signals), and a worker whose run is
 gone (``kill -9`` of it) stops as if interrupted, quietly.
+
+A worker prints nothing of its own progress: its trial lines go through its pipe to the run,
+which hands them to its ``out`` (the caller's ``progress=``), as it does its own. Its errors
+and the pool's notices go to stderr.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -59,10 +63,12 @@ class Pool:
         objective: str,
         threads: int = 1,
         devices: Sequence[str | None] = (),  # each worker's CUDA_VISIBLE_DEVICES (tuner.devices)
+        out: Callable[[str], None] = print,  # where the workers' trial lines go
     ) -> None:
         self._context = multiprocessing.get_context("spawn")  # no forked torch or database
         self.heartbeat, self._objective, self._threads = heartbeat, objective, threads
-        self._devices = list(devices)
+        self._devices, self._out = list(devices), out
+        self._error: Exception | None = None  # what ``out`` raised on the watch's thread
         self.pipes: list[Connection] = []
         self.processes: list[BaseProcess] = []
         self._ends: list[Connection] = []  # the workers' ends, closed here once they run
@@ -133,6 +139,9 @@ class Pool:
         if self._watch is not None:
             while self._watch.is_alive():  # a join with a timeout: interrupts stay prompt
                 self._watch.join(0.2)
+        if self._error is not None:  # raised here, where the run can handle it
+            error, self._error = self._error, None
+            raise error
         codes = [self._codes.get(i, 1) for i in range(len(self.processes))]
         if any(code == signals.EXIT_STATUS for code in codes):
             raise KeyboardInterrupt
@@ -152,7 +161,7 @@ class Pool:
             for i in sorted(pending):
                 with self._lock:
                     pipe, process = self.pipes[i], self.processes[i]
-                    code = self._reported(pipe)
+                    code = self._reported(pipe, self._line)
                     if code is None and process.is_alive():
                         continue
                     if code is None:
@@ -164,12 +173,28 @@ class Pool:
                     pending.discard(i)
 
     @staticmethod
-    def _reported(pipe: Connection) -> int | None:
-        """A worker's exit status for the stage, if it sent one."""
+    def _reported(pipe: Connection, line: Callable[[str], None]) -> int | None:
+        """A worker's exit status for the stage, if it sent one; the lines it sent before it
+        go to ``line``."""
         try:
-            return pipe.recv() if pipe.poll() else None
+            while pipe.poll():
+                message = pipe.recv()
+                if not isinstance(message, str):
+                    return int(message)
+                line(message)
         except (EOFError, OSError):
-            return None
+            pass  # the worker is gone: its exit status tells
+        return None
+
+    def _line(self, line: str) -> None:
+        """A worker's trial line, to the run's ``out``; what ``out`` raises is raised by
+        ``wait``, on the run's thread, and the lines after it are dropped."""
+        if self._error is not None:
+            return
+        try:
+            self._out(line)
+        except Exception as exc:  # a closed stdout (`run | head`), a failing progress=
+            self._error = exc
 
     def _replace(self, i: int, code: int) -> bool:
         """Start a worker in place of worker ``i``, which died with ``code``, and hand it the
@@ -256,7 +281,7 @@ def _worker_main(
         _warm_up()
         while (job := jobs.recv()) is not None:
             plan, budget, deadline = job
-            jobs.send(_work_share(plan, budget, deadline, index, heartbeat))
+            jobs.send(_work_share(plan, budget, deadline, index, heartbeat, jobs))
     except KeyboardInterrupt:
         sys.exit(signals.EXIT_STATUS)
     except (EOFError, OSError):
@@ -264,14 +289,23 @@ def _worker_main(
 
 
 def _work_share(
-    plan: StagePlan, budget: Budget, deadline: float | None, index: int, heartbeat: float
+    plan: StagePlan,
+    budget: Budget,
+    deadline: float | None,
+    index: int,
+    heartbeat: float,
+    run: Connection,
 ) -> int:
-    """A worker's share of a stage; its exit status (0: done)."""
+    """A worker's share of a stage, its lines sent to the ``run``; its exit status (0: done)."""
+
+    def out(line: str) -> None:
+        with contextlib.suppress(OSError):  # the run is gone: the worker stops (_watch_run)
+            run.send(line)
+
     try:
         storage = storages.open_storage(plan.study.storage, heartbeat=heartbeat)
         fn = load_objective(plan.study.objective)
-        work(plan, storage, fn, budget, deadline=deadline, worker=index,
-             out=lambda line: print(line, flush=True))  # fmt: skip
+        work(plan, storage, fn, budget, deadline=deadline, worker=index, out=out)
     except (StageFailed, UserError) as exc:
         print(f"tuner worker {index}: {storages.mask(str(exc))}", file=sys.stderr, flush=True)
         return exc.exit_code

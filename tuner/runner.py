@@ -7,6 +7,7 @@ objective → storage; the workers of ``workers=N`` are a pool (tuner.pool) serv
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -79,19 +80,32 @@ def run(
     ``threads`` torch threads (None: this one keeps torch's setting, the others take one);
     ``devices`` holds each worker process's ``CUDA_VISIBLE_DEVICES`` (tuner.devices), this
     process's first (set before torch loads here, and put back as it was after the run).
+    The worker processes' trial lines come to ``out`` too.
     """
     stages = (stage,) if stage else study.stages
     storage = storages.open_existing(study.storage, heartbeat=heartbeat)
     first = plan_stage(study, stages[0], best_of(storage, study))  # may refuse: nothing written
+    out = serialized(out)  # the workers' lines arrive on another thread
     here, others = (devices[0], devices[1:]) if devices else (None, ())
     with (
         gpus.used(here),
-        Pool(workers - 1, heartbeat, study.objective, threads or 1, others) as helpers,
+        Pool(workers - 1, heartbeat, study.objective, threads or 1, others, out) as helpers,
     ):
         set_threads(threads)  # imports torch (2 s): the workers above start beside it
         return _run(
             study, stage, first, storage, helpers, trials, timeout, restart, check, out, draw
         )
+
+
+def serialized(out: Print) -> Print:
+    """``out``, called by one thread at a time."""
+    lock = threading.Lock()
+
+    def locked(line: str) -> None:
+        with lock:
+            out(line)
+
+    return locked
 
 
 def _run(
