@@ -463,3 +463,19 @@ def test_worker_processes_print_nothing_unless_progress_asks(
             numbers = re.findall(r"^\[lr \d+/\d+\] #(\d+) ", "\n".join(lines), re.M)
             assert sorted(map(int, numbers)) == sorted(t.number for t in done), lines
         assert "Traceback" not in err
+
+
+def test_a_script_without_a_main_guard_is_told_so_once(tmp_path: Path) -> None:
+    # Worker processes import the script again (spawn): unguarded, it would start runs there.
+    fake_study.write(tmp_path, trials=3, epochs=1, sleep=0.1)
+    (tmp_path / "tune.py").write_text(
+        "import tuner\n\ntuner.run(tuner.load('fake.yaml'), workers=2, check=False)\n"
+    )
+    run = subprocess.run([sys.executable, "tune.py"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=240)  # fmt: skip
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("tuner.errors.UserError: workers=2: each worker process imports")
+    assert 'call it under `if __name__ == "__main__":`, or use workers=1.' in last
+    assert run.stderr.count("Traceback") == 1  # the script's own, none from the workers
+    assert "a new worker takes its place" not in run.stderr  # not started again and again

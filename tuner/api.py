@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -120,6 +121,12 @@ def run(
     signal handlers are put back when it returns or raises. So is ``CUDA_VISIBLE_DEVICES``,
     which the run sets in this process for its trials here (see ``devices``).
 
+    Worker processes are started with multiprocessing's "spawn": each imports the caller's
+    main module again, so a script that calls ``run`` with ``workers`` above one (the default
+    on a machine with several GPUs) must call it under ``if __name__ == "__main__":``; one
+    that does not gets a UserError that says so, after the first stage it runs (which this
+    process then ran alone). A notebook needs nothing of the kind.
+
     Args:
         study: From ``load``.
         stage: One stage only (``"lr"``); by default all, each fixing the best values of the
@@ -129,7 +136,7 @@ def run(
         timeout: Seconds for the run, shared the same way (by default the study's).
         restart: Run a stage anew when the stages before it have changed since it ran.
         workers: Processes, each running its share of every stage on the same storage (by
-            default one, or one per visible GPU).
+            default one, or one per visible GPU); see above for scripts.
         threads: torch threads per process (None: this one keeps torch's setting, workers
             take one each).
         heartbeat: Seconds between a running trial's heartbeats (10 by default); a trial
@@ -148,9 +155,11 @@ def run(
     """
     from tuner import _status as status
     from tuner import devices as gpus
-    from tuner import race, runner, signals, warmstart
+    from tuner import pool, race, runner, signals, warmstart
     from tuner import storage as storages
 
+    if pool.starting_worker():  # a script without ``if __name__ == "__main__":``
+        sys.exit(pool.REIMPORTED)  # quietly: the run it belongs to says what to do
     heartbeat = storages.HEARTBEAT_SECONDS if heartbeat is None else heartbeat
     _check_run(study, stage, trials, timeout, workers, threads, heartbeat)
     study = race.apply(study, deterministic)

@@ -40,6 +40,8 @@ from tuner.plan import StagePlan
 from tuner.stage import Budget, work
 
 MAX_REPLACEMENTS = 8  # workers started in place of dead ones, per run: then the run fails
+REIMPORTED = 4  # a worker's exit status: importing the run's script started a run (no guard)
+WORKER = "tuner-worker-"  # the workers' process names, then their index
 ORPHAN_POLL_SECONDS = 0.5  # how often a worker checks that its run is still there
 
 
@@ -98,7 +100,7 @@ class Pool:
                 os.getpid(),
                 _nth(self._devices, index - 1),
             ),
-            name=f"tuner-worker-{index}",
+            name=f"{WORKER}{index}",
         )
         return pipe, jobs, process
 
@@ -143,6 +145,12 @@ class Pool:
             error, self._error = self._error, None
             raise error
         codes = [self._codes.get(i, 1) for i in range(len(self.processes))]
+        if REIMPORTED in codes:
+            raise UserError(
+                f"workers={len(self.processes) + 1}: each worker process imports the script"
+                " that runs tuner (multiprocessing's spawn), and this one calls tuner.run as it"
+                ' is imported: call it under `if __name__ == "__main__":`, or use workers=1.'
+            )
         if any(code == signals.EXIT_STATUS for code in codes):
             raise KeyboardInterrupt
         failed = [code for code in codes if code]
@@ -199,7 +207,9 @@ class Pool:
     def _replace(self, i: int, code: int) -> bool:
         """Start a worker in place of worker ``i``, which died with ``code``, and hand it the
         stage; False where the run is stopping or has replaced too many."""
-        if self._stopping or code == signals.EXIT_STATUS or self.replaced >= MAX_REPLACEMENTS:
+        if self._stopping or code in (signals.EXIT_STATUS, REIMPORTED):
+            return False
+        if self.replaced >= MAX_REPLACEMENTS:
             return False
         self.replaced += 1
         print(
@@ -230,6 +240,13 @@ class Pool:
         if self._watch is not None:
             self._watch.join()
         signals.forward_to(None)
+
+
+def starting_worker() -> bool:
+    """Whether this process is a worker that is still importing the run's main module, as
+    multiprocessing's spawn does before the worker's own code runs."""
+    current = multiprocessing.current_process()
+    return bool(getattr(current, "_inheriting", False)) and current.name.startswith(WORKER)
 
 
 def _warm_up() -> None:
