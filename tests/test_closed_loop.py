@@ -1,6 +1,6 @@
 """The closed loop's rules (tuner.closed_loop): widen an edge, re-score the top trials on other
-seeds, stop on stagnation. Fake trials where the decision is the point; one fake objective
-where the stage has to go on."""
+seeds, score a trial by its smoothed peak, stop on stagnation. Fake trials where the decision
+is the point; one fake objective where the stage has to go on."""
 
 from __future__ import annotations
 
@@ -186,6 +186,58 @@ def test_a_config_an_earlier_stage_rescored_is_not_trained_again() -> None:
     assert now.user_attrs[RESCORED] == {"0": [0.95, 0.94, 0.96], "1": [0.96, 0.9, 0.9]}
 
 
+# --- smooth ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("curve", "window", "maximize", "expected"),
+    [
+        ([0.90, 0.99, 0.93, 0.96, 0.97, 0.97], 3, True, (0.96 + 0.97 + 0.97) / 3),  # not 0.99
+        ([0.90, 0.99, 0.93, 0.96, 0.97, 0.97], 1, True, 0.99),  # window 1: the best epoch
+        ([0.80, 0.90], 3, True, 0.85),  # shorter than the window: the whole curve's mean
+        ([0.5, 0.2, 0.3, 0.25], 2, False, 0.25),  # a loss: the lowest mean
+        ([0.9, math.nan, 0.95, 0.95, 0.96], 3, True, (0.95 + 0.95 + 0.96) / 3),
+        ([0.9, math.nan, 0.95], 3, True, -math.inf),  # a diverged epoch is the worst value
+        ([], 3, True, None),
+    ],
+)  # fmt: skip
+def test_a_smoothed_peak_is_the_best_mean_of_consecutive_epochs(
+    curve: list[float], window: int, maximize: bool, expected: float | None
+) -> None:
+    value = closed_loop.smoothed_peak(curve, window, maximize)
+    assert value == (None if expected is None else pytest.approx(expected))
+
+
+def test_a_steady_curve_beats_one_lucky_epoch(tmp_path: Path) -> None:
+    def curves(config: dict[str, Any], report: Any) -> dict[str, Any]:
+        # The incumbent's curve has one lucky epoch on its split; every other lr converges.
+        lucky = math.isclose(config["lr"], 3e-3, rel_tol=1e-12)
+        curve = [0.90, 0.99, 0.90, 0.90] if lucky else [0.95, 0.96, 0.96, 0.96]
+        for epoch, value in enumerate(curve, 1):
+            report(epoch, {"accuracy": value})
+        return {"accuracy": max(curve), "best_epoch": curve.index(max(curve)) + 1}
+
+    def best_of(smooth: int) -> optuna.trial.FrozenTrial:
+        study = tuner.load(
+            {"stages": ["lr"], "budget": {"trials": {"lr": 3}},
+             "storage": f"sqlite:///{tmp_path}/s{smooth}.db",
+             "loop": {"stagnation": False, "rescore": False, "widen": False, "smooth": smooth},
+             "search_spaces": {"lr": {"schedule": None, "warmup": None}},
+             "pruner": {"name": "none"}, "sampler": {"seed": 0},
+             "defaults": {"lr": 3e-3, "epochs": 4, "seed": 0}},
+            objective=curves,
+        )  # fmt: skip
+        tuner.run(study, check=False)
+        found = optuna.load_study(study_name="study/lr", storage=study.storage)
+        return best_trial(found)
+
+    steady = best_of(3)
+    assert steady.number != 0 and steady.value == pytest.approx(0.96)  # the best 3-epoch mean
+    assert steady.user_attrs["accuracy"] == 0.96  # what the objective returned, kept
+    lucky = best_of(1)  # smoothing off: the trial's value is its best epoch's
+    assert lucky.number == 0 and lucky.value == pytest.approx(0.99)
+
+
 # --- stagnation --------------------------------------------------------------------------------
 
 
@@ -262,12 +314,15 @@ def test_the_loop_switches_are_checked(tmp_path: Path) -> None:
     base = {"stages": ["lr"], "defaults": {"lr": 1e-3, "epochs": 1},
             "search_spaces": {"lr": {"schedule": None, "warmup": None}}}  # fmt: skip
     assert tuner.load({**base, "loop": {"widen": False}}).loop["widen"] is False
+    assert tuner.load({**base, "loop": {"smooth": False}}).loop["smooth"] == 1  # off
     assert tuner.load({**base, "loop": {"rescore": {"top": 2}}}).loop["rescore"] == {
         "top": 2, "seeds": 2}  # fmt: skip
     for loop, message in [
         ({"widen": "yes"}, "loop.widen must be true or false"),
         ({"rescore": {"top": 0}}, "loop.rescore.top must be a whole number of at least 1"),
         ({"stagnation": -1}, "loop.stagnation must be a whole number of at least 1"),
+        ({"smooth": 0}, "loop.smooth must be a whole number of at least 1"),
+        ({"smooth": 2.5}, "loop.smooth must be a whole number of at least 1"),
         ({"widn": True}, "unknown key 'widn' (did you mean widen?)"),
     ]:
         with pytest.raises(UserError, match=re.escape(message)):

@@ -11,6 +11,10 @@ Three rules, each a plain decision with its own study-file switch (``loop:`` in 
   lucky validation split does not win; the spread is stored and shown. A stage whose every
   value a later stage of the run searches again (the lr stage, before the architecture and
   refinement stages re-tune the lr and its schedule) is provisional and is not re-scored;
+- **smooth** (choose through the noise, within a trial): a trial's value is the best mean of
+  its validation metric over a few consecutive epochs, not its luckiest single epoch: on a
+  few hundred validation samples the maximum over a dozen noisy epochs flatters a run whose
+  curve jumps (a high lr that never settles) over one that converges;
 - **stagnation** (stop on a stated rule): a stage stops after N finished trials (complete or
   pruned) without a new best, at least ``PER_VALUE`` per value it searches (Optuna's
   ``BestValueStagnationEvaluator``); the time it leaves flows to the stages after it, the
@@ -203,6 +207,50 @@ def mean_trial_seconds(study: optuna.Study) -> float | None:
     return statistics.fmean(took) if took else None
 
 
+# --- smooth ------------------------------------------------------------------------------------
+
+
+def smoothed_peak(values: Sequence[float], window: int, maximize: bool = True) -> float | None:
+    """The best mean of ``window`` consecutive values of a trial's curve (its epochs' validation
+    metric, in order): a peak that holds for a few epochs, not one lucky epoch. A curve shorter
+    than the window is averaged whole; non-finite values (an epoch that diverged) count as the
+    worst; None for an empty curve.
+
+    Example:
+        >>> smoothed_peak([0.90, 0.99, 0.93, 0.96, 0.97, 0.97], 3)  # not 0.99
+        0.9666666666666667
+    """
+    worst = -math.inf if maximize else math.inf
+    curve = [v if math.isfinite(v) else worst for v in values]
+    if not curve:
+        return None
+    width = max(1, min(window, len(curve)))
+    means = [statistics.fmean(curve[i : i + width]) for i in range(len(curve) - width + 1)]
+    return max(means) if maximize else min(means)
+
+
+class Curve:
+    """A ``report(epoch, metrics)`` that keeps one metric's curve (for re-scoring runs)."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+        self.values: list[float] = []
+
+    def __call__(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        value = metrics.get(self.metric)
+        if value is not None:
+            self.values.append(float(value))
+
+
+def trial_value(
+    result: Mapping[str, Any], curve: Sequence[float], metric: str, window: int, maximize: bool
+) -> float:
+    """A trial's value: its curve's smoothed peak (``loop.smooth`` epochs), or where it
+    reported no curve (or smoothing is off) the metric it returned."""
+    smoothed = smoothed_peak(curve, window, maximize) if window > 1 else None
+    return float(result[metric]) if smoothed is None else smoothed
+
+
 # --- rescore ------------------------------------------------------------------------------------
 
 
@@ -230,6 +278,7 @@ def rescore(
     }
     each = mean_trial_seconds(study) or 0.0
     metric = plan.study.metric
+    window, maximize = int(plan.study.loop["smooth"]), plan.study.direction == "maximize"
     candidates = ranked(study)[:top]
     if len(candidates) < 2:
         return
@@ -247,8 +296,9 @@ def rescore(
                 return
             seed = int(config["seed"]) + len(values)
             try:
-                result = fn(merged(config, {"seed": seed}), lambda epoch, metrics: None)
-                value = float(result[metric])
+                curve = Curve(metric)
+                result = fn(merged(config, {"seed": seed}), curve)
+                value = trial_value(result, curve.values, metric, window, maximize)
             except Exception as exc:  # a seed that fails counts as the worst value
                 out(f"  rescoring #{trial.number} on seed {seed} failed: {exc}")
                 value = math.nan

@@ -13,6 +13,9 @@ LOOP_DEFAULTS: dict[str, Any] = {
     # A stage stops after this many finished trials (pruned ones too) without a new best, and
     # at least 2 per value it searches (tuner.closed_loop.patience).
     "stagnation": 10,
+    # A trial's value is the best mean of its validation metric over this many consecutive
+    # epochs, not its luckiest single epoch (tuner.closed_loop.smoothed_peak); 1 or false: off.
+    "smooth": 3,
 }
 
 
@@ -23,7 +26,9 @@ def read_loop(data: Any, src: str) -> dict[str, Any]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UserError(f"{src}: loop is a mapping of switches (widen, rescore, stagnation).")
+        raise UserError(
+            f"{src}: loop is a mapping of switches (widen, rescore, stagnation, smooth)."
+        )
     _reject_unknown(data, set(LOOP_DEFAULTS), f"{src}: loop")
     loop = {**LOOP_DEFAULTS, **data}
     if not isinstance(loop["widen"], bool):
@@ -41,4 +46,7 @@ def read_loop(data: Any, src: str) -> dict[str, Any]:
         loop["rescore"] = rescore
     if loop["stagnation"] is not False:
         _positive_int(loop["stagnation"], "loop.stagnation", src)
+    if loop["smooth"] is False:
+        loop["smooth"] = 1
+    _positive_int(loop["smooth"], "loop.smooth", src)
     return loop

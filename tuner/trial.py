@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 import search_spaces
-from tuner import artifacts, devices, race, signals
+from tuner import artifacts, closed_loop, devices, race, signals
 from tuner import storage as storages
 from tuner.nested import merged
 from tuner.objective import Objective
@@ -55,6 +55,7 @@ class TrialReport:
         self.pace = pace if pace is not None else Pace()
         self.reports = storages.Reports(trial)  # written about once a second, and at the end
         self.best: dict[str, float] = {}  # the best epoch's metrics so far, and its number
+        self.curve: list[float] = []  # the metric of every epoch, for the trial's value
         self.started = self.last = time.time()
 
     def __call__(self, epoch: int, metrics: Mapping[str, float]) -> None:
@@ -65,6 +66,7 @@ class TrialReport:
         value = metrics.get(self.metric)
         if value is None or not math.isfinite(value):
             return
+        self.curve.append(float(value))
         best = self.best.get(self.metric)
         if best is None or (value > best if self.maximize else value < best):
             self.best = {**{k: float(v) for k, v in metrics.items()}, "best_epoch": epoch}
@@ -182,7 +184,10 @@ class StageObjective:
                 result = report.result(stop.epoch)
             race.record(trial, config, result)  # a time race's measurement, for a replay
             report.flush()  # the trial's whole curve, before its result
-            value = score(trial, result, metric, time.perf_counter() - started)
+            score(trial, result, metric, time.perf_counter() - started)
+            # The value: the best mean over a few epochs (loop.smooth), not the luckiest one.
+            window = int(plan.study.loop["smooth"])
+            value = closed_loop.trial_value(result, report.curve, metric, window, maximize)
             model = result.get("model")
             if model is not None and artifacts.becomes_best(trial.study, value):
                 # The dashboard offers the weights of each stage's best trial for download.
