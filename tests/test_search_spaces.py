@@ -82,6 +82,20 @@ def test_architecture_lr_range_is_wide_enough_to_move_and_refine_narrower() -> N
     assert dist.low == pytest.approx(0.00075) and dist.high == pytest.approx(0.012)
 
 
+def test_the_architecture_stage_re_tunes_the_optimizer_and_its_nuisance_knobs() -> None:
+    # The optimizer stage chose for the start's net; a normalized or wider net may train best
+    # with another optimizer, at that optimizer's own lr, and another weight decay.
+    space = ss.load("architecture")
+    keys = space.keys
+    assert {"optimizer", "lr", "weight_decay", "schedule", "label_smoothing"} <= set(keys)
+    assert keys.index("optimizer") < keys.index("lr")  # lr[<optimizer>] reads the draw
+    lr = next(p for p in space.params if p.key == "lr")
+    dist = lr.distribution({**INCUMBENT, "optimizer": "sgd"}, INCUMBENT)
+    # adamw at 3e-3 is the incumbent: SGD's lr is centred 10x higher, as in the optimizer stage
+    assert dist.low == pytest.approx(0.003) and dist.high == pytest.approx(0.3)
+    assert lr.name({"optimizer": "sgd"}) == "lr[sgd]"
+
+
 def test_the_incumbent_lies_inside_every_range() -> None:
     # Enqueuing the incumbent must not hit a value outside its stage's distributions.
     for stage in ("lr", "optimizer", "architecture"):
