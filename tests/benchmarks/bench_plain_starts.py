@@ -12,6 +12,10 @@ loop, the data and the budget are the study's own. Each side is given:
   defaults), ``TPESampler(seed=S)`` + ``MedianPruner()``, **the plain defaults enqueued as its
   first trial**, ``study.optimize(timeout=B)``, the same training loop, one torch thread.
 
+An optional third side, ``joint_smooth`` (``--sides staged joint joint_smooth``), is the joint
+search scoring each trial as tuner does (``loop.smooth``: the best mean of 3 consecutive epochs
+instead of the best single one): it tells what the staging buys from what the scoring buys.
+
 Both train ``objectives.loop.train``; each trial also records its model's test accuracy
 (never used to choose) for the time until the incumbent first reaches 98% test. At the end,
 each side's winner (the staged run's ``tuner export``; the joint study's best trial) is
@@ -131,11 +135,12 @@ def joint_space(path: Path) -> dict[str, Any]:
     return space
 
 
-def run_joint(path: Path, seed: int, budget: float, storage: str) -> None:
+def run_joint(path: Path, seed: int, budget: float, storage: str, smooth: int = 1) -> None:
     import bench_quality
     import optuna
     import torch
 
+    from tuner.closed_loop import smoothed_peak
     from tuner.config import load_study
     from tuner.nested import get_path, set_path
 
@@ -163,7 +168,10 @@ def run_joint(path: Path, seed: int, budget: float, storage: str) -> None:
             set_path(config, key, value)
         trial.set_user_attr("config", config)
 
+        curve: list[float] = []
+
         def report(epoch: int, metrics: Mapping[str, float]) -> None:
+            curve.append(float(metrics["accuracy"]))
             trial.report(metrics["accuracy"], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned()
@@ -172,7 +180,8 @@ def run_joint(path: Path, seed: int, budget: float, storage: str) -> None:
         if "accuracy" not in result:
             raise optuna.TrialPruned()
         trial.set_user_attr("test_accuracy", result["test_accuracy"])
-        return float(result["accuracy"])
+        smoothed = smoothed_peak(curve, smooth) if smooth > 1 else None
+        return float(result["accuracy"]) if smoothed is None else smoothed
 
     study = optuna.create_study(storage=storage, direction="maximize",
                                 sampler=optuna.samplers.TPESampler(seed=seed),
@@ -204,9 +213,10 @@ def run_job(job: dict[str, Any], out: Path) -> dict[str, Any]:
                    f"timeout={job['budget']}", f"seed={job['seed']}",
                    f"storage={url}"]  # fmt: skip
     else:
+        smooth = 3 if job["side"] == "joint_smooth" else 1
         command = [sys.executable, str(Path(__file__).resolve()), "--joint", f"--study={path}",
                    f"--seed={job['seed']}", f"--budget={job['budget']}",
-                   f"--storage={url}"]  # fmt: skip
+                   f"--storage={url}", f"--smooth={smooth}"]  # fmt: skip
     started = time.time()
     with open(folder / "log.txt", "w") as log:
         code = subprocess.call(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -245,14 +255,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget", type=float, default=300)
     parser.add_argument("--lanes", type=int, default=2)
+    parser.add_argument(
+        "--sides",
+        nargs="+",
+        choices=("staged", "joint", "joint_smooth"),
+        default=["staged", "joint"],
+        help="which sides to run",
+    )
     parser.add_argument("--out", default=None)
     parser.add_argument("--joint", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--study", default="", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--storage", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--smooth", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.joint:
-        run_joint(Path(args.study), args.seed, args.budget, args.storage)
+        run_joint(Path(args.study), args.seed, args.budget, args.storage, args.smooth)
         return
     import bench_quality
 
@@ -261,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     starts = args.starts or list(STARTS[args.data])
     jobs = [{"data": args.data, "start": st, "seed": s, "side": side, "budget": args.budget,
              "name": f"{args.data}_{st}_s{s}_{side}"}
-            for st in starts for s in args.seeds for side in ("staged", "joint")]  # fmt: skip
+            for st in starts for s in args.seeds for side in args.sides]  # fmt: skip
     print(f"{len(jobs)} jobs of {args.budget:.0f}s in {args.lanes} lanes; in {out}", flush=True)
     from objectives.data import load as load_data  # data made before any clock starts
     from tuner.config import load_study
@@ -290,7 +308,7 @@ def _print(done: Sequence[Mapping[str, Any]], starts: Sequence[str], seeds: Sequ
            budget: float) -> None:  # fmt: skip
     def pick(start: str, side: str, key: str) -> list[Any]:
         rows = {j["seed"]: j for j in done if j["start"] == start and j["side"] == side}
-        return [rows[s].get(key) for s in seeds]
+        return [rows[s].get(key) if s in rows else None for s in seeds]
 
     def mean(values: Sequence[float | None]) -> float | None:
         known = [v for v in values if v is not None]
@@ -308,8 +326,14 @@ def _print(done: Sequence[Mapping[str, Any]], starts: Sequence[str], seeds: Sequ
         pairs = zip(pick(start, "staged", "reach"), pick(start, "joint", "reach"), strict=True)
         reach = " ".join(f"{_secs(a)}/{_secs(b)}" for a, b in pairs)
         pairs = zip(pick(start, "staged", "used"), pick(start, "joint", "used"), strict=True)
-        used = " ".join(f"{a:.0%}/{b:.0%}" for a, b in pairs)
+        used = " ".join(f"{_share(a)}/{_share(b)}" for a, b in pairs)
         print(f"{start:<10} {_pct(ms):>7} {_pct(mj):>7} {ratio:>7}   {per}   {reach}   {used}")
+    if any(j["side"] == "joint_smooth" for j in done):
+        print("joint_smooth (the joint search scoring trials as tuner does), per start:")
+        for start in starts:
+            tests = pick(start, "joint_smooth", "test")
+            per = " ".join(_pct(t) for t in tests)
+            print(f"{start:<10} {_pct(mean(tests)):>7}   ({per})")
     for job in done:
         if job["side"] == "staged":
             print(f"  {job['name']}: {job['ended']}")
@@ -317,6 +341,10 @@ def _print(done: Sequence[Mapping[str, Any]], starts: Sequence[str], seeds: Sequ
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def _secs(value: float | None) -> str:
