@@ -166,6 +166,45 @@ def test_rescoring_trains_the_top_trials_on_more_seeds_and_the_best_mean_wins(
     assert len(tuner.status(study)[0].best_seeds) == 3  # status shows the spread
 
 
+def test_the_time_kept_for_rescoring_is_what_the_top_trials_took() -> None:
+    import datetime as dt
+
+    study = optuna.create_study(direction="maximize")
+    start = dt.datetime(2026, 1, 1)
+    for number, (value, seconds) in enumerate([(0.99, 10.0), (0.98, 2.0), (0.97, 4.0), (0.5, 60)]):
+        t = trial(number, value, 1e-3 * (number + 1))
+        t.datetime_start, t.datetime_complete = start, start + dt.timedelta(seconds=seconds)
+        study.add_trial(t)
+    # The top 3 (not the slow poor one) once per extra seed, 2 x (10 + 2 + 4), and one run of
+    # the longest more.
+    assert closed_loop.reserve(study, top=3, seeds=2) == pytest.approx(42.0)
+
+
+def test_a_stage_of_slow_trials_leaves_its_rescoring_the_time_it_needs(tmp_path: Path) -> None:
+    import time
+
+    def slow(config: dict[str, Any], report: Any) -> dict[str, Any]:
+        time.sleep(0.5)  # every trial, and every re-scoring run, takes half a second
+        score = 1 - (math.log10(config["lr"]) + 2) ** 2 / 10
+        report(1, {"accuracy": score})
+        return {"accuracy": score}
+
+    study = tuner.load(
+        {"stages": ["lr"], "budget": {"trials": {"lr": 100}},
+         "storage": f"sqlite:///{tmp_path}/t.db", "loop": {"stagnation": False, "widen": False},
+         "search_spaces": {"lr": {"schedule": None, "warmup": None}},
+         "defaults": {"lr": 3e-3, "epochs": 1, "seed": 0}},
+        objective=slow,
+    )  # fmt: skip
+    lines: list[str] = []
+    tuner.run(study, timeout=8, check=False, progress=lines.append)
+    found = optuna.load_study(study_name="study/lr", storage=study.storage)
+    # 3 trials x 2 seeds x 0.5 s is 3 s, more than a fixed fifth of the 8 s: the trials stop
+    # early enough for all of it.
+    assert [len(v) for v in found.user_attrs[RESCORED].values()] == [3, 3, 3], lines
+    assert not any("rescoring stopped" in line for line in lines), lines
+
+
 def test_a_config_an_earlier_stage_rescored_is_not_trained_again() -> None:
     earlier = optuna.create_study(direction="maximize")
     earlier.add_trial(trial(0, 0.95, 1e-3))

@@ -289,8 +289,9 @@ def rescore(
         again = known.get(_fingerprint(config))
         if len(values) == 1 and again is not None and again[0] == values[0]:
             values[:] = again[: seeds + 1]  # the same config, the same seed-0 value: reused
+        took = _seconds(trial) or each  # this config's own time, not the stage's mean
         while len(values) < seeds + 1:
-            if deadline is not None and time.time() + each > deadline:
+            if deadline is not None and time.time() + took > deadline:
                 out(f"  rescoring stopped: out of the stage's time ({_summary(study, scored)})")
                 storages.set_study_user_attrs(study, {RESCORED: scored})
                 return
@@ -305,6 +306,20 @@ def rescore(
             values.append(value)
             storages.set_study_user_attrs(study, {RESCORED: scored})
     out(f"  rescored the top {len(candidates)} on {seeds} more seeds: {_summary(study, scored)}")
+
+
+def reserve(study: optuna.Study, top: int, seeds: int) -> float:
+    """Seconds the re-scoring of a stage will need as it stands: its top ``top`` trials' own
+    durations once per extra seed (a wide net trains longer than the stage's mean trial), and
+    one run of the longest of them more, for what is recorded between the runs."""
+    took = [_seconds(t) or 0.0 for t in ranked(study)[:top]]
+    return seeds * sum(took) + max(took, default=0.0)
+
+
+def _seconds(trial: FrozenTrial) -> float | None:
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return None
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
 
 
 def provisional(study: StudyConfig, plan: StagePlan, after: Sequence[str]) -> tuple[str, ...]:

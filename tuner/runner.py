@@ -7,6 +7,7 @@ objective → storage; the workers of ``workers=N`` are a pool (tuner.pool) serv
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ from tuner.samplers import make_pruner, make_sampler
 from tuner.stage import OUT_OF_TIME, Budget, start_stage, work
 
 Print = Callable[[str], None]
-RESCORE_SHARE = 0.2  # of a stage's time, kept for re-scoring its top trials on more seeds
+RESCORE_SHARE = 0.2  # of a stage's time, kept by worker processes for re-scoring the top trials
 
 
 def stage_budgets(
@@ -155,11 +156,18 @@ def _run(
         if again:
             rescore = None
             out(f"   not re-scored: the stages after it search {', '.join(again)} again")
-        # The trials stop early enough to leave the re-scoring its share of the stage's time.
+        # The trials stop early enough to leave the re-scoring the time it will need: the top
+        # trials' own durations once per seed, read anew before each trial (worker processes
+        # keep a fixed share of the stage's time instead).
         trials_until = deadline
         if rescore and deadline is not None and budget.timeout is not None:
             trials_until = deadline - RESCORE_SHARE * budget.timeout
         runs = Stage(plan, storage, fn, helpers, draw and workers == 1, out)
+        if rescore and deadline is not None:
+            runs.reserve = functools.partial(
+                closed_loop.reserve, top=rescore["top"], seeds=rescore["seeds"]
+            )
+            runs.until = deadline
         found = runs.trials(budget, trials_until, done)
         if study.loop["widen"] and not plan.space.grid:
             found, plan = _widen(runs, found, budget, trials_until, out)
@@ -191,6 +199,9 @@ class Stage:
     ) -> None:
         self.plan, self.storage, self.fn, self.helpers = plan, storage, fn, helpers
         self.draw, self.out = draw, out
+        # With re-scoring: this process's trials end by ``until`` less what it will need.
+        self.reserve: Callable[[optuna.Study], float] | None = None
+        self.until: float | None = None
 
     def trials(self, budget: Budget, deadline: float | None, done: int) -> optuna.Study:
         """Run trials until the stage has ``budget.trials`` finished ones, or time is up."""
@@ -202,8 +213,9 @@ class Stage:
         bar.update(done, None)
         with bar:
             self.helpers.start(self.plan, budget, deadline)
-            found = work(self.plan, self.storage, self.fn, budget, deadline=deadline,
-                         out=bar.wrap(self.out), bar=bar)  # fmt: skip
+            mine = deadline if self.reserve is None else self.until
+            found = work(self.plan, self.storage, self.fn, budget, deadline=mine,
+                         out=bar.wrap(self.out), bar=bar, reserve=self.reserve)  # fmt: skip
             self.helpers.wait()
         return found
 

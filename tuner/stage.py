@@ -184,9 +184,14 @@ def work(
     worker: int = 0,
     out: Print = print,
     bar: StageProgress | None = None,
+    reserve: Callable[[optuna.Study], float] | None = None,
 ) -> optuna.Study:
     """One worker's share of a stage: run trials until the stage has ``budget.trials``
     finished ones, however many workers (here or on other machines) run beside it.
+
+    ``reserve`` gives the seconds to keep free before ``deadline`` as the stage stands (the
+    re-scoring of its top trials): no trial runs past ``deadline`` less that, read anew
+    before each trial.
 
     A worker with nothing to start waits while other trials run: if one of them fails, or
     its worker dies (its heartbeat stops and the trial is retried), this worker takes it.
@@ -203,7 +208,11 @@ def work(
     objective = make_objective(plan, fn, budget.trials, deadline, pace, sampler_seed=seed)
     states = storages.trial_states(study)  # one small query, not every trial read whole
     while not progress.failing:
-        if pace.too_late(deadline):
+        until = deadline
+        if reserve is not None and deadline is not None:
+            until = deadline - reserve(study)
+            objective.deadline = until  # the trial's epochs stop there too
+        if pace.too_late(until):
             if worker == 0:
                 storages.set_study_user_attrs(study, {"ended": OUT_OF_TIME})
             break
