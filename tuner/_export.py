@@ -98,9 +98,18 @@ _METRICS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "roc_auc"
 def render(document: dict[str, Any]) -> str:
     """The YAML text, with a header that says what it is and how to train it."""
     prov = document["provenance"]
+    metric = document["metric"]
+    best_epoch = document.get("validation", {}).get(metric)
+    # The trial's value is its smoothed peak (loop.smooth); the best epoch is what train measures.
+    scored = f"validation {metric} {prov['value']:.4f}"
+    if isinstance(best_epoch, (int, float)) and best_epoch != prov["value"]:
+        scored = (
+            f"validation {metric} {best_epoch:.4f} at its best epoch"
+            f" ({prov['value']:.4f}, its value: the best mean over consecutive epochs)"
+        )
     header = (
         f"# Best config of study {prov['study']}: stage {prov['stage']}, trial #{prov['trial']},"
-        f" validation {document['metric']} {prov['value']:.4f}.\n"
+        f" {scored}.\n"
         f"# Exported by tuner {prov['tuner_version']} at {prov['exported_at']}. Train it with\n"
         "#   python -m tuner train config=<this file>\n"
     )
