@@ -33,8 +33,9 @@ budget:
   trials: {{lr: {trials}}}
 sampler: {{name: random}}
 # The mechanics under test (budgets, workers, signals) count trials: no stop rule ends a stage
-# early and no re-scoring trains beside them (tests/test_closed_loop.py tests those).
-loop: {{stagnation: false, rescore: false}}
+# early, no re-scoring trains beside them, and no widening adds trials when a random draw's
+# best lands at an edge (tests/test_closed_loop.py tests those).
+loop: {{stagnation: false, rescore: false, widen: false}}
 pruner: {{name: none}}
 defaults:
   seed: 0
