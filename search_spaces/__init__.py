@@ -9,6 +9,7 @@ from search_spaces._space import (
     grid_points,
     load,
     params_of,
+    probes,
     suggest,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "grid_points",
     "load",
     "params_of",
+    "probes",
     "suggest",
 ]

@@ -24,7 +24,7 @@ SPACES_DIR = Path(__file__).resolve().parent
 # The fields that say what kind of parameter a spec is; a study's change that names one of
 # them replaces the kind instead of merging into it.
 _KIND_FIELDS = {"choices", "low", "high", "log", "step", "powers_of_two", "around", "scale"}
-_FIELDS = _KIND_FIELDS | {"per", "when", "natural"}
+_FIELDS = _KIND_FIELDS | {"per", "when", "natural", "probe"}
 
 
 class SearchSpaceError(ValueError):
@@ -53,6 +53,7 @@ class Param:
     per: str | None = None
     when: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     natural: tuple[str, ...] = ()  # edges ("low", "high") that a best value may sit at
+    probe: bool = False  # each other choice is tried once on the incumbent, first thing
 
     def active(self, config: Mapping[str, Any]) -> bool:
         """Whether this parameter exists for a config (its ``when`` holds)."""
@@ -179,6 +180,18 @@ def params_of(
     return params
 
 
+def probes(space: SearchSpace, incumbent: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The stage's probes, as config changes: the incumbent with one other choice of each
+    ``probe: true`` parameter (a normalization layer on the start's plain net), so that the
+    sampler sees each such choice once at tuned values, not only at random ones."""
+    changes = []
+    for param in space.params:
+        if param.probe and param.choices is not None and param.active(incumbent):
+            current = _lookup(incumbent, param.key)
+            changes += [{param.key: c} for c in param.choices if c != current]
+    return changes
+
+
 def grid_points(space: SearchSpace, incumbent: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Every combination of a grid stage, ``{config key: value}``, the incumbent's first."""
     keys = space.keys
@@ -220,11 +233,15 @@ def _param(where: str, key: str, spec: Any) -> Param:
     natural = spec.get("natural") or []
     if not isinstance(natural, list) or not set(natural) <= {"low", "high"}:
         raise SearchSpaceError(f"{where}: natural is a list of edges, low and/or high.")
+    probe = spec.get("probe", False)
+    if not isinstance(probe, bool) or (probe and "choices" not in spec):
+        raise SearchSpaceError(f"{where}: probe is true or false, and for choices only.")
     common: dict[str, Any] = {
         "key": key,
         "per": spec.get("per"),
         "when": when,
         "natural": tuple(natural),
+        "probe": probe,
     }
     if "powers_of_two" in spec:
         return Param(choices=_powers_of_two(where, spec["powers_of_two"]), **common)

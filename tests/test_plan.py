@@ -94,3 +94,27 @@ def test_stale_keys_compare_the_stored_lineage() -> None:
     moved = {"batch_size": {"stage": "batch_size", "trial": 1, "value": 0.8}}
     assert stale_keys(plan, same) == []
     assert stale_keys(plan, moved) == ["batch_size"]
+
+
+def test_the_architecture_stage_probes_each_normalization_on_the_incumbent(tmp_path) -> None:
+    # The incumbent is the first trial; then the same config with each other normalization,
+    # before the sampler draws: at random lr and optimizer values a normalized net can look
+    # worse than a tuned plain one, and TPE would stop looking (the default study's incumbent
+    # has batch norm; a plain start's has none, and gets batch, group and layer).
+    import optuna
+
+    from tuner import storage as storages
+    from tuner.stage import Budget, start_stage
+
+    opt = best("optimizer", 4, 0.99, {}, optimizer="adam", lr=0.01)
+    plan = plan_stage(STUDY, "architecture", bests(opt))
+    storage = storages.open_storage(f"sqlite:///{tmp_path}/p.db")
+    start_stage(plan, storage, Budget(10, None), out=lambda line: None)
+    study = optuna.load_study(study_name=plan.name, storage=storage)
+    queued = [t.system_attrs["fixed_params"] for t in study.trials]
+    assert [q["model.norm"] for q in queued] == ["batch", "group", "layer", "none"]
+    for q in queued[1:]:  # nothing else changed: the incumbent's values
+        assert {k: v for k, v in q.items() if k != "model.norm"} == {
+            k: v for k, v in queued[0].items() if k != "model.norm"
+        }
+    assert queued[0]["lr[adam]"] == pytest.approx(0.01)

@@ -96,6 +96,15 @@ def test_the_architecture_stage_re_tunes_the_optimizer_and_its_nuisance_knobs() 
     assert lr.name({"optimizer": "sgd"}) == "lr[sgd]"
 
 
+def test_probes_are_the_incumbent_with_each_other_choice_of_a_probed_parameter() -> None:
+    space = ss.load("architecture")
+    assert [p.key for p in space.params if p.probe] == ["model.norm"]
+    assert ss.probes(space, INCUMBENT) == [  # the default study's incumbent: batch norm
+        {"model.norm": "group"}, {"model.norm": "layer"}, {"model.norm": "none"}]  # fmt: skip
+    with pytest.raises(ss.SearchSpaceError, match="probe is true or false, and for choices"):
+        ss.load("lr", {"lr": {"probe": True}})
+
+
 def test_the_incumbent_lies_inside_every_range() -> None:
     # Enqueuing the incumbent must not hit a value outside its stage's distributions.
     for stage in ("lr", "optimizer", "architecture"):

@@ -23,6 +23,7 @@ import search_spaces
 from tuner import __version__, closed_loop, retry
 from tuner import storage as storages
 from tuner.errors import StageFailed, StageRefused, UserError
+from tuner.nested import merged
 from tuner.objective import Objective
 from tuner.plan import Source, StagePlan, rerun_command, stale_keys
 from tuner.progress import StageProgress
@@ -284,6 +285,11 @@ def _start(plan: StagePlan, study: optuna.Study) -> None:
         # skip_if_exists: workers on other machines may start the stage at the same moment.
         params = search_spaces.params_of(plan.space, plan.incumbent)
         study.enqueue_trial(params, skip_if_exists=True)
+        # Then the probes: the incumbent with each other choice of a `probe: true` parameter.
+        for change in search_spaces.probes(plan.space, plan.incumbent):
+            config = merged(plan.incumbent, change)
+            probe = search_spaces.params_of(plan.space, config, plan.incumbent)
+            study.enqueue_trial(probe, skip_if_exists=True)
 
 
 def _queue_grid(plan: StagePlan, study: optuna.Study) -> None:
