@@ -197,8 +197,11 @@ def test_a_stage_of_slow_trials_leaves_its_rescoring_the_time_it_needs(tmp_path:
         objective=slow,
     )  # fmt: skip
     lines: list[str] = []
-    tuner.run(study, timeout=8, check=False, progress=lines.append)
+    result = tuner.run(study, timeout=8, check=False, progress=lines.append)
     found = optuna.load_study(study_name="study/lr", storage=study.storage)
+    # The run says the time is spent, and how much was left where no further trial fit.
+    assert re.fullmatch(r"its timeout \(8 s\) was spent(: no trial fit in the \d+ s left)?",
+                        result.ended), result.ended  # fmt: skip
     # 3 trials x 2 seeds x 0.5 s is 3 s, more than a fixed fifth of the 8 s: the trials stop
     # early enough for all of it.
     assert [len(v) for v in found.user_attrs[RESCORED].values()] == [3, 3, 3], lines

@@ -181,7 +181,11 @@ def _run(
         if name != stages[-1] and best_of(storage, study)(name) is None:
             raise StageFailed(_nothing_finished(study, found))
     if run_deadline is not None and (ended == OUT_OF_TIME or time.time() >= run_deadline - 1):
-        return f"its timeout ({timeout:.0f} s) was spent"
+        left = run_deadline - time.time()
+        if left < 1:
+            return f"its timeout ({timeout:.0f} s) was spent"
+        # The last trials stopped where the next would not fit, or to leave re-scoring its time.
+        return f"its timeout ({timeout:.0f} s) was spent: no trial fit in the {left:.0f} s left"
     return ended or "every stage ran its budget of trials"
 
 
