@@ -208,12 +208,15 @@ def test_a_stage_of_slow_trials_leaves_its_rescoring_the_time_it_needs(tmp_path:
     assert not any("rescoring stopped" in line for line in lines), lines
 
 
-def test_a_config_an_earlier_stage_rescored_is_not_trained_again() -> None:
-    earlier = optuna.create_study(direction="maximize")
+def test_a_config_an_earlier_stage_rescored_is_not_trained_again(tmp_path: Path) -> None:
+    # A real SQLite storage: an in-memory one keeps the dict it is given, and would show
+    # values that were never written.
+    storage = f"sqlite:///{tmp_path}/e.db"
+    earlier = optuna.create_study(direction="maximize", storage=storage, study_name="earlier")
     earlier.add_trial(trial(0, 0.95, 1e-3))
     earlier.set_user_attr(RESCORED, {"0": [0.95, 0.94, 0.96]})
-    now = optuna.create_study(direction="maximize")
-    now.add_trial(trial(0, 0.95, 1e-3))  # the incumbent: the earlier stage's best
+    now = optuna.create_study(direction="maximize", storage=storage, study_name="now")
+    now.add_trial(trial(0, 0.95, 1e-3))  # the incumbent: the earlier stage's best, ranked last
     now.add_trial(trial(1, 0.96, 2e-3))
     trained: list[float] = []
 
@@ -225,7 +228,9 @@ def test_a_config_an_earlier_stage_rescored_is_not_trained_again() -> None:
     closed_loop.rescore(now, plan, fn, 2, 2, deadline=None, out=lambda line: None,
                         earlier=[earlier])  # fmt: skip
     assert trained == [2e-3, 2e-3]  # only the new config, on its two more seeds
-    assert now.user_attrs[RESCORED] == {"0": [0.95, 0.94, 0.96], "1": [0.96, 0.9, 0.9]}
+    stored = optuna.load_study(study_name="now", storage=storage)
+    assert stored.user_attrs[RESCORED] == {"0": [0.95, 0.94, 0.96], "1": [0.96, 0.9, 0.9]}
+    assert best_trial(stored).number == 0  # the reused incumbent's mean (0.95) wins
 
 
 # --- smooth ------------------------------------------------------------------------------------

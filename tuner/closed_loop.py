@@ -305,6 +305,9 @@ def rescore(
                 value = math.nan
             values.append(value)
             storages.set_study_user_attrs(study, {RESCORED: scored})
+    # Written once more at the end: values reused from an earlier stage need no training run,
+    # and a reused config ranked last would otherwise never be recorded (nor win).
+    storages.set_study_user_attrs(study, {RESCORED: scored})
     out(f"  rescored the top {len(candidates)} on {seeds} more seeds: {_summary(study, scored)}")
 
 
