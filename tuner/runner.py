@@ -162,12 +162,11 @@ def _run(
         trials_until = deadline
         if rescore and deadline is not None and budget.timeout is not None:
             trials_until = deadline - RESCORE_SHARE * budget.timeout
-        runs = Stage(plan, storage, fn, helpers, draw and workers == 1, out)
+        reserve = None
         if rescore and deadline is not None:
-            runs.reserve = functools.partial(
-                closed_loop.reserve, top=rescore["top"], seeds=rescore["seeds"]
-            )
-            runs.until = deadline
+            top, seeds = rescore["top"], rescore["seeds"]
+            reserve = functools.partial(closed_loop.reserve, top=top, seeds=seeds)
+        runs = Stage(plan, storage, fn, helpers, draw and workers == 1, out, reserve, deadline)
         found = runs.trials(budget, trials_until, done)
         if study.loop["widen"] and not plan.space.grid:
             found, plan = _widen(runs, found, budget, trials_until, out)
@@ -200,12 +199,13 @@ class Stage:
         helpers: Pool,
         draw: bool,
         out: Print,
+        reserve: Callable[[optuna.Study], float] | None = None,
+        until: float | None = None,
     ) -> None:
         self.plan, self.storage, self.fn, self.helpers = plan, storage, fn, helpers
         self.draw, self.out = draw, out
-        # With re-scoring: this process's trials end by ``until`` less what it will need.
-        self.reserve: Callable[[optuna.Study], float] | None = None
-        self.until: float | None = None
+        # With re-scoring: this process's trials end by ``until`` less what ``reserve`` keeps.
+        self.reserve, self.until = reserve, until
 
     def trials(self, budget: Budget, deadline: float | None, done: int) -> optuna.Study:
         """Run trials until the stage has ``budget.trials`` finished ones, or time is up."""
