@@ -3,6 +3,8 @@ space into ``trial.suggest_*`` calls.
 """
 
 from search_spaces._space import (
+    LR_KEY,
+    OPTIMIZER_KEY,
     Param,
     SearchSpace,
     SearchSpaceError,
@@ -14,6 +16,8 @@ from search_spaces._space import (
 )
 
 __all__ = [
+    "LR_KEY",
+    "OPTIMIZER_KEY",
     "Param",
     "SearchSpace",
     "SearchSpaceError",
