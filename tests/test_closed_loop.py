@@ -4,6 +4,7 @@ is the point; one fake objective where the stage has to go on."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -178,6 +179,12 @@ def test_the_time_kept_for_rescoring_is_what_the_top_trials_took() -> None:
     # The top 3 (not the slow poor one) once per extra seed, 2 x (10 + 2 + 4), and one run of
     # the longest more.
     assert closed_loop.reserve(study, top=3, seeds=2) == pytest.approx(42.0)
+    # The best is an earlier stage's config, on the same seed, re-scored there: re-scoring
+    # reuses its values and trains only the other two, 2 x (2 + 4) and one run of 4 more.
+    known = {json.dumps(study.trials[0].user_attrs["config"], sort_keys=True): [0.99, 0.98]}
+    assert closed_loop.reserve(study, top=3, seeds=2, known=known) == pytest.approx(16.0)
+    moved = {next(iter(known)): [0.97, 0.98]}  # another seed-0 value: not the same training run
+    assert closed_loop.reserve(study, top=3, seeds=2, known=moved) == pytest.approx(42.0)
 
 
 def test_a_stage_of_slow_trials_leaves_its_rescoring_the_time_it_needs(tmp_path: Path) -> None:
@@ -355,6 +362,13 @@ def test_a_stage_whose_values_later_stages_search_again_is_not_rescored() -> Non
     assert provisional(STUDY, plan, ("optimizer", "architecture", "refine")) == plan.space.keys
     assert provisional(STUDY, plan, ("optimizer", "architecture")) == ()  # warmup is final
     assert provisional(STUDY, plan, ()) == ()  # stage=lr alone: re-scored
+    # The optimizer stage: the architecture stage searches the optimizer, its lr and the weight
+    # decay again; momentum and the betas are conditional on the optimizer it picks then.
+    from tuner.plan import Best
+
+    optimizer = plan_stage(STUDY, "optimizer", lambda stage: Best(stage, 0, 0.9, CONFIG, {}))
+    assert provisional(STUDY, optimizer, ("architecture",)) == ("optimizer", "lr", "weight_decay")
+    assert provisional(STUDY, optimizer, ("refine",)) == ()  # refine keeps the optimizer
 
 
 def test_the_loop_switches_are_checked(tmp_path: Path) -> None:

@@ -282,12 +282,12 @@ def rescore(
     candidates = ranked(study)[:top]
     if len(candidates) < 2:
         return
-    known = _known(earlier)
+    known = known_values(earlier)
     for trial in candidates:
         config = trial.user_attrs["config"]
         values = scored.setdefault(str(trial.number), [float(trial.value)])  # type: ignore[arg-type]
-        again = known.get(_fingerprint(config))
-        if len(values) == 1 and again is not None and again[0] == values[0]:
+        again = _reused(known, config, values[0])
+        if len(values) == 1 and again is not None:
             values[:] = again[: seeds + 1]  # the same config, the same seed-0 value: reused
         took = _seconds(trial) or each  # this config's own time, not the stage's mean
         while len(values) < seeds + 1:
@@ -311,12 +311,28 @@ def rescore(
     out(f"  rescored the top {len(candidates)} on {seeds} more seeds: {_summary(study, scored)}")
 
 
-def reserve(study: optuna.Study, top: int, seeds: int) -> float:
+def reserve(
+    study: optuna.Study, top: int, seeds: int, known: Mapping[str, list[float]] | None = None
+) -> float:
     """Seconds the re-scoring of a stage will need as it stands: its top ``top`` trials' own
     durations once per extra seed (a wide net trains longer than the stage's mean trial), and
-    one run of the longest of them more, for what is recorded between the runs."""
-    took = [_seconds(t) or 0.0 for t in ranked(study)[:top]]
+    one run of the longest of them more, for what is recorded between the runs. A trial whose
+    values over seeds an earlier stage holds (``known``: see ``known_values``) needs none."""
+    took = [
+        _seconds(t) or 0.0
+        for t in ranked(study)[:top]
+        if _reused(known or {}, t.user_attrs.get("config", {}), float(t.value)) is None  # type: ignore[arg-type]
+    ]
     return seeds * sum(took) + max(took, default=0.0)
+
+
+def _reused(
+    known: Mapping[str, list[float]], config: Mapping[str, Any], value: float
+) -> list[float] | None:
+    """The values over seeds an earlier stage holds for this config, where its first is this
+    trial's value (the same config trained on the same seed)."""
+    again = known.get(_fingerprint(config))
+    return again if again is not None and again[0] == value else None
 
 
 def _seconds(trial: FrozenTrial) -> float | None:
@@ -328,13 +344,16 @@ def _seconds(trial: FrozenTrial) -> float | None:
 def provisional(study: StudyConfig, plan: StagePlan, after: Sequence[str]) -> tuple[str, ...]:
     """The keys a stage searches when the stages after it in the run search every one of them
     again (its choice is provisional: re-scoring it on more seeds would buy nothing the later
-    stages keep); empty when the stage fixes a key no later stage searches."""
+    stages keep); empty when the stage fixes a key no later stage searches.
+
+    A conditional parameter (``when:``, as momentum for SGD) does not count: it tunes a choice
+    that the later stage makes again (the optimizer), and goes with whatever that choice is."""
     later = {key for name in after for key in load_space(study, name).keys}
-    keys = plan.space.keys
+    keys = tuple(dict.fromkeys(p.key for p in plan.space.params if not p.when))
     return keys if keys and all(key in later for key in keys) else ()
 
 
-def _known(studies: Sequence[optuna.Study]) -> dict[str, list[float]]:
+def known_values(studies: Sequence[optuna.Study]) -> dict[str, list[float]]:
     """Values over seeds of the configs earlier stages re-scored, by config."""
     known: dict[str, list[float]] = {}
     for study in studies:

@@ -162,17 +162,19 @@ def _run(
         trials_until = deadline
         if rescore and deadline is not None and budget.timeout is not None:
             trials_until = deadline - RESCORE_SHARE * budget.timeout
-        reserve = None
+        reserve, earlier = None, []
+        if rescore:
+            before = study.stages[: study.stages.index(name)]
+            earlier = [s for b in before if (s := storages.load(storage, study.stage_name(b)))]
         if rescore and deadline is not None:
             top, seeds = rescore["top"], rescore["seeds"]
-            reserve = functools.partial(closed_loop.reserve, top=top, seeds=seeds)
+            known = closed_loop.known_values(earlier)  # what re-scoring reuses, it does not train
+            reserve = functools.partial(closed_loop.reserve, top=top, seeds=seeds, known=known)
         runs = Stage(plan, storage, fn, helpers, draw and workers == 1, out, reserve, deadline)
         found = runs.trials(budget, trials_until, done)
         if study.loop["widen"] and not plan.space.grid:
             found, plan = _widen(runs, found, budget, trials_until, out)
         if rescore:
-            before = study.stages[: study.stages.index(name)]
-            earlier = [s for b in before if (s := storages.load(storage, study.stage_name(b)))]
             closed_loop.rescore(found, plan, fn, rescore["top"], rescore["seeds"],
                                 deadline=deadline, out=out, earlier=earlier)  # fmt: skip
         notes.write_stage_note(found, diagnostics.record(found, out))
