@@ -20,11 +20,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 import search_spaces
-from search_spaces import LR_KEY
 from tuner import __version__, closed_loop, retry
 from tuner import storage as storages
 from tuner.errors import StageFailed, StageRefused, UserError
-from tuner.nested import get_path, merged
+from tuner.nested import merged
 from tuner.objective import Objective
 from tuner.plan import Source, StagePlan, rerun_command, stale_keys
 from tuner.progress import StageProgress
@@ -79,8 +78,6 @@ class TrialLines:
         best_text = f"best {best[1]:.4f} (#{best[0]})" if best is not None else "no best yet"
         reason = _why(ended)
         params = " ".join(f"{k}={_short(v)}" for k, v in ended.params.items())
-        if self.plan.space.lr_scaling and "config" in ended.user_attrs:  # the lr that followed
-            params += f" {LR_KEY}={_short(get_path(ended.user_attrs['config'], LR_KEY))}"
         seconds = ended.duration.total_seconds() if ended.duration else 0.0
         if self.bar is not None:
             self.bar.update(done, best[1] if best is not None else None)
