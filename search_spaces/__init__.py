@@ -3,8 +3,6 @@ space into ``trial.suggest_*`` calls.
 """
 
 from search_spaces._space import (
-    LR_KEY,
-    OPTIMIZER_KEY,
     Param,
     SearchSpace,
     SearchSpaceError,
@@ -16,8 +14,6 @@ from search_spaces._space import (
 )
 
 __all__ = [
-    "LR_KEY",
-    "OPTIMIZER_KEY",
     "Param",
     "SearchSpace",
     "SearchSpaceError",

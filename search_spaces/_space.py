@@ -20,7 +20,6 @@ from optuna.distributions import (
 from tuner import yamlio
 
 SPACES_DIR = Path(__file__).resolve().parent
-LR_KEY, OPTIMIZER_KEY = "lr", "optimizer"  # the config keys an ``lr_scaling:`` reads and sets
 
 # The fields that say what kind of parameter a spec is; a study's change that names one of
 # them replaces the kind instead of merging into it.
@@ -91,31 +90,15 @@ class SearchSpace:
     params: tuple[Param, ...]
     settings: Mapping[str, Any] = field(default_factory=dict)  # config values set by the stage
     grid: bool = False  # try every combination (incumbent first) instead of sampling
-    # A grid stage's lr follows its one parameter (the batch size): the incumbent's lr x
-    # (value / the incumbent's value) ** exponent, the exponent by optimizer (``lr_scaling:``).
-    lr_scaling: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def keys(self) -> tuple[str, ...]:
-        """The config keys this stage searches (or sets, as the lr an lr scaling sets)."""
-        scaled = (LR_KEY,) if self.lr_scaling else ()
-        return tuple(dict.fromkeys((*(p.key for p in self.params), *scaled)))
+        """The config keys this stage searches."""
+        return tuple(dict.fromkeys(p.key for p in self.params))
 
     def without(self, keys: set[str]) -> SearchSpace:
-        """The space with some keys fixed by hand (no longer searched): an lr or a batch size
-        set by hand is not scaled."""
-        params = tuple(p for p in self.params if p.key not in keys)
-        scaled = LR_KEY not in keys and len(params) == 1
-        return replace(self, params=params, lr_scaling=self.lr_scaling if scaled else {})
-
-    def scaled_lr(self, drawn: Mapping[str, Any], incumbent: Mapping[str, Any]) -> float | None:
-        """The lr a trial of this grid stage trains with, where the stage scales it."""
-        if not self.lr_scaling or len(self.params) != 1:
-            return None
-        key = self.params[0].key
-        exponent = self.lr_scaling.get(str(_lookup(incumbent, OPTIMIZER_KEY)), 0.0)
-        ratio = float(drawn[key]) / float(_lookup(incumbent, key))
-        return float(_lookup(incumbent, LR_KEY)) * ratio**exponent
+        """The space with some keys fixed by hand (no longer searched)."""
+        return replace(self, params=tuple(p for p in self.params if p.key not in keys))
 
 
 def load(
@@ -137,14 +120,9 @@ def load(
     if not path.is_file():
         raise SearchSpaceError(f"No search space for stage '{stage}' ({path}).")
     data = yamlio.load(path) or {}
-    unknown = set(data) - {"params", "set", "grid", "lr_scaling"}
+    unknown = set(data) - {"params", "set", "grid"}
     if unknown:
         raise SearchSpaceError(f"{path.name}: unknown keys {sorted(unknown)}.")
-    scaling = data.get("lr_scaling") or {}
-    if not isinstance(scaling, Mapping) or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in scaling.values()
-    ):
-        raise SearchSpaceError(f"{path.name}: lr_scaling maps an optimizer to an exponent.")
     specs: dict[str, Any] = dict(data.get("params") or {})
     for key, change in (changes or {}).items():
         if change is None:
@@ -157,12 +135,9 @@ def load(
             base = {k: v for k, v in specs.get(key, {}).items() if k not in _KIND_FIELDS}
             specs[key] = {**base, **change}
     params = tuple(_param(f"{stage}.{key}", key, spec) for key, spec in specs.items())
-    space = SearchSpace(stage, params, dict(data.get("set") or {}), bool(data.get("grid")),
-                        {str(k): float(v) for k, v in scaling.items()})  # fmt: skip
+    space = SearchSpace(stage, params, dict(data.get("set") or {}), bool(data.get("grid")))
     if space.grid and any(p.choices is None or p.per or p.when for p in params):
         raise SearchSpaceError(f"{stage}: a grid stage takes plain choices only.")
-    if space.lr_scaling and not (space.grid and len(params) == 1):
-        raise SearchSpaceError(f"{stage}: lr_scaling is for a grid stage of one parameter.")
     return space
 
 
@@ -181,9 +156,6 @@ def suggest(
         name = param.name(view)
         dist = param.distribution(view, incumbent)
         drawn[param.key] = _suggest(trial, name, dist)
-    lr = space.scaled_lr(drawn, incumbent)
-    if lr is not None:
-        drawn[LR_KEY] = lr
     return drawn
 
 
@@ -222,7 +194,7 @@ def probes(space: SearchSpace, incumbent: Mapping[str, Any]) -> list[dict[str, A
 
 def grid_points(space: SearchSpace, incumbent: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Every combination of a grid stage, ``{config key: value}``, the incumbent's first."""
-    keys = tuple(p.key for p in space.params)
+    keys = space.keys
     choices = [p.choices or () for p in space.params]
     points = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*choices)]
     first = {k: _lookup(incumbent, k) for k in keys}

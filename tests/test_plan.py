@@ -34,11 +34,10 @@ def test_first_stage_fixes_nothing_and_starts_from_the_defaults() -> None:
 
 
 def test_a_stage_fixes_the_best_values_of_the_stage_before() -> None:
-    plan = plan_stage(STUDY, "lr", bests(best("batch_size", 3, 0.9, batch_size=32, lr=0.002)))
-    # The batch stage's lr is the start's scaled to its size: the lr stage starts from it.
-    assert plan.fixed == {"batch_size": 32, "lr": 0.002}
-    assert plan.lineage["batch_size"] == plan.lineage["lr"] == Source("batch_size", 3, 0.9)
-    assert plan.incumbent["batch_size"] == 32 and plan.incumbent["lr"] == 0.002
+    plan = plan_stage(STUDY, "lr", bests(best("batch_size", 3, 0.9, batch_size=32)))
+    assert plan.fixed == {"batch_size": 32}
+    assert plan.lineage["batch_size"] == Source("batch_size", 3, 0.9)
+    assert plan.incumbent["batch_size"] == 32
     # Values a stage sets for itself do not leak into the next stage.
     assert plan.incumbent["time_budget"] is None
 
@@ -89,19 +88,10 @@ def test_a_key_set_by_hand_is_not_searched() -> None:
     assert plan.incumbent["schedule"] == "cosine"
 
 
-def test_an_lr_set_by_hand_is_not_scaled_by_the_batch_race() -> None:
-    study = apply_overrides(STUDY, {"lr": "0.01"}, {}).study
-    plan = plan_stage(study, "batch_size", bests())
-    assert not plan.space.lr_scaling and plan.space.keys == ("batch_size",)
-    lr = plan_stage(study, "lr", bests(best("batch_size", 3, 0.9, batch_size=32)))
-    assert lr.fixed["lr"] == 0.01 and lr.lineage["lr"] == Source()  # the hand's, not the race's
-
-
 def test_stale_keys_compare_the_stored_lineage() -> None:
     plan = plan_stage(STUDY, "lr", bests(best("batch_size", 3, 0.9, batch_size=32)))
-    race = {"stage": "batch_size", "trial": 3, "value": 0.9}
-    same = {"batch_size": race, "lr": race}
-    moved = {"batch_size": {"stage": "batch_size", "trial": 1, "value": 0.8}, "lr": race}
+    same = {"batch_size": {"stage": "batch_size", "trial": 3, "value": 0.9}}
+    moved = {"batch_size": {"stage": "batch_size", "trial": 1, "value": 0.8}}
     assert stale_keys(plan, same) == []
     assert stale_keys(plan, moved) == ["batch_size"]
 

@@ -122,39 +122,6 @@ def test_grid_stage_lists_powers_of_two_incumbent_first() -> None:
     assert space.settings == {"time_budget": 3.0}
 
 
-@pytest.mark.parametrize(
-    ("optimizer", "size", "factor"),
-    [("sgd", 256, 4.0), ("sgd", 32, 0.5), ("adamw", 256, 2.0), ("rmsprop", 32, 0.5**0.5),
-     ("lion", 256, 1.0), ("adamw", 64, 1.0)],
-)  # fmt: skip
-def test_the_batch_race_scales_the_lr_with_the_size(
-    optimizer: str, size: int, factor: float
-) -> None:
-    # The start trains at batch 64: linear for SGD, square root for adaptive optimizers, and
-    # an optimizer the file does not name keeps its lr.
-    space = ss.load("batch_size")
-    incumbent = {**INCUMBENT, "optimizer": optimizer, "lr": 0.01, "batch_size": 64}
-    drawn = ss.suggest(optuna.trial.FixedTrial({"batch_size": size}), space, incumbent)
-    assert drawn["batch_size"] == size and drawn["lr"] == pytest.approx(0.01 * factor)
-    assert space.keys == ("batch_size", "lr")  # the stage sets the lr the next stage starts from
-    # A batch size or an lr set by hand: nothing to scale, and the lr is not the stage's.
-    for hand in ({"lr"}, {"batch_size"}):
-        fixed = space.without(hand)
-        assert not fixed.lr_scaling and "lr" not in fixed.keys
-
-
-def test_lr_scaling_is_refused_outside_a_grid_stage_of_one_parameter(tmp_path: Path) -> None:
-    (tmp_path / "x.yaml").write_text(
-        "params:\n  lr: {low: 0.001, high: 0.1}\nlr_scaling: {sgd: 1}\n"
-    )
-    with pytest.raises(ss.SearchSpaceError, match="lr_scaling is for a grid stage"):
-        ss.load("x", directory=tmp_path)
-    (tmp_path / "y.yaml").write_text("grid: true\nparams:\n  batch_size: {choices: [8]}\n"
-                                     "lr_scaling: {sgd: linear}\n")  # fmt: skip
-    with pytest.raises(ss.SearchSpaceError, match="maps an optimizer to an exponent"):
-        ss.load("y", directory=tmp_path)
-
-
 def test_study_changes_merge_replace_and_drop_params() -> None:
     space = ss.load("architecture", {
         "model.width": {"choices": [64, 128]},  # replaces the kind

@@ -8,11 +8,11 @@ trial, so a stage never ends worse than the one before it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import search_spaces
-from search_spaces import LR_KEY, OPTIMIZER_KEY, SearchSpace, SearchSpaceError
+from search_spaces import SearchSpace, SearchSpaceError
 from tuner.config import DEFAULT_STUDY, StudyConfig
 from tuner.errors import StageRefused, UserError
 from tuner.nested import flatten, get_path, merged
@@ -85,8 +85,6 @@ def load_space(study: StudyConfig, stage: str) -> SearchSpace:
     try:
         space = search_spaces.load(stage, study.spaces.get(stage))
         config = study.config
-        if space.lr_scaling and not all(_has(config, k) for k in (LR_KEY, OPTIMIZER_KEY)):
-            space = replace(space, lr_scaling={})  # an objective without an lr: nothing scales
         for key in (*space.keys, *flatten(dict(space.settings))):
             get_path(config, key)
     except SearchSpaceError as exc:
@@ -96,14 +94,6 @@ def load_space(study: StudyConfig, stage: str) -> SearchSpace:
             f"{study.source}: stage {stage} sets '{exc.args[0]}', which is not a key of defaults."
         ) from None
     return space
-
-
-def _has(config: Mapping[str, Any], key: str) -> bool:
-    try:
-        get_path(config, key)
-    except KeyError:
-        return False
-    return True
 
 
 def plan_stage(study: StudyConfig, stage: str, best_of: BestOf) -> StagePlan:
@@ -121,10 +111,7 @@ def plan_stage(study: StudyConfig, stage: str, best_of: BestOf) -> StagePlan:
     hand = set(flatten(study.overrides))
     searched_by: dict[str, str] = {}  # key -> the last earlier stage that searches it
     for before in earlier:
-        # A key set by hand still counts (it is fixed below); an lr scaled with a batch size
-        # set by hand does not: that stage scales nothing.
-        space = load_space(study, before)
-        for key in (*space.without(hand).keys, *(k for k in space.keys if k in hand)):
+        for key in load_space(study, before).keys:
             searched_by[key] = before
     needed = {key: s for key, s in searched_by.items() if key not in hand}
 

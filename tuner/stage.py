@@ -350,10 +350,7 @@ def _header(plan: StagePlan, budget: Budget, done: int, out: Print) -> None:
         f"== stage {plan.index + 1}/{len(plan.study.stages)} {plan.stage}"
         f" ({plan.name}): {budget.trials} trials{limit}, {done} finished before"
     )
-    searched = ", ".join(dict.fromkeys(p.key for p in plan.space.params)) or "nothing"
-    if plan.space.lr_scaling:
-        searched += " (the lr scaled with it)"
-    out(f"   searches {searched}; fixed: {fixed}")
+    out(f"   searches {', '.join(plan.space.keys) or 'nothing'}; fixed: {fixed}")
     if plan.space.grid:
         points = len(search_spaces.grid_points(plan.space, plan.incumbent))
         if points > budget.trials:
