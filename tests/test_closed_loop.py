@@ -316,25 +316,36 @@ def test_a_stage_stagnates_after_n_trials_without_a_new_best() -> None:
     assert not closed_loop.stagnated(off, study)
 
 
-def test_pruned_trials_count_as_trials_without_a_new_best() -> None:
+def test_pruned_trials_count_by_the_epochs_they_trained() -> None:
     # Most trials of a stage are pruned: counting only COMPLETE ones, a stage whose best came
-    # first would never stop (seen: 30 trials, 25 pruned, no new best after the third).
+    # first would not stop (seen: 30 trials, 25 pruned, no new best after the third); counting
+    # each as a whole trial, 24 trials pruned at epoch 3 (a quarter of 12 epochs each) ended a
+    # 12-value stage after 6 trials' worth of training, with half its time left.
     plan = lr_plan(loop={"widen": True, "rescore": False, "stagnation": 3})
+    assert plan.incumbent["epochs"] == 12
     study = optuna.create_study(direction="maximize")
     study.add_trial(trial(0, 0.9, 1e-3))
 
-    def pruned(number: int) -> optuna.trial.FrozenTrial:
+    def pruned(number: int, epoch: int = 3) -> optuna.trial.FrozenTrial:
         lr = FloatDistribution(3e-4, 3e-2, log=True)
-        t = create_trial(state=TrialState.PRUNED, intermediate_values={1: 0.5, 3: 0.6},
+        t = create_trial(state=TrialState.PRUNED, intermediate_values={1: 0.5, epoch: 0.6},
                          params={"lr": 2e-3}, distributions={"lr": lr})  # fmt: skip
         t.number = number
         return t
 
-    for i in range(1, 7):
+    for i in range(1, 13):  # 12 trials pruned at epoch 3: 3 trials' training, not more
         study.add_trial(pruned(i))
     assert not closed_loop.stagnated(plan, study)
-    study.add_trial(pruned(7))
+    study.add_trial(trial(13, 0.8, 1e-3))  # a complete one more: 4 > 3
     assert closed_loop.stagnated(plan, study)
+    # Pruned late, a trial trained about as much as a complete one: 4 of them end the stage.
+    late = optuna.create_study(direction="maximize")
+    late.add_trial(trial(0, 0.9, 1e-3))
+    for i in range(1, 4):
+        late.add_trial(pruned(i, epoch=12))
+    assert not closed_loop.stagnated(plan, late)
+    late.add_trial(pruned(4, epoch=12))
+    assert closed_loop.stagnated(plan, late)
     # A pruned trial that reported nothing did not train: it is not counted.
     fresh = optuna.create_study(direction="maximize")
     fresh.add_trial(trial(0, 0.9, 1e-3))

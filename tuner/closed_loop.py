@@ -15,10 +15,11 @@ Three rules, each a plain decision with its own study-file switch (``loop:`` in 
   its validation metric over a few consecutive epochs, not its luckiest single epoch: on a
   few hundred validation samples the maximum over a dozen noisy epochs flatters a run whose
   curve jumps (a high lr that never settles) over one that converges;
-- **stagnation** (stop on a stated rule): a stage stops after N finished trials (complete or
-  pruned) without a new best, at least ``PER_VALUE`` per value it searches (Optuna's
-  ``BestValueStagnationEvaluator``); the time it leaves flows to the stages after it, the
-  refinement stage last.
+- **stagnation** (stop on a stated rule): a stage stops after N finished trials without a new
+  best, at least ``PER_VALUE`` per value it searches (Optuna's
+  ``BestValueStagnationEvaluator``'s rule), a pruned trial counted by the share of the epochs it
+  trained (24 trials pruned at epoch 3 of 12 are 6 trials' training, not 24); the time it
+  leaves flows to the stages after it, the refinement stage last.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from typing import Any
 
 import optuna
 from optuna.distributions import FloatDistribution
-from optuna.terminator import BestValueStagnationEvaluator
 from optuna.trial import FrozenTrial, TrialState
 
 from search_spaces._space import Param
@@ -393,24 +393,27 @@ def _spread_text(values: Sequence[float]) -> str:
 
 
 def stagnated(plan: StagePlan, study: optuna.Study) -> bool:
-    """The stop rule: no new best in the stage's last ``patience(plan)`` finished trials, pruned
-    ones included (Optuna's ``BestValueStagnationEvaluator``), with at least that many since
-    its last widening. Never for a grid stage (it tries every candidate) or where it is off."""
+    """The stop rule: no new best in the stage's last ``patience(plan)`` finished trials, with
+    at least that many since its last widening. It is the rule of Optuna's
+    ``BestValueStagnationEvaluator`` (trials since the best > n), which counts COMPLETE trials
+    only, with the pruned ones counted too: each by the share of the epochs it trained, so a
+    trial pruned at epoch 3 of 12 counts a quarter (a weight Optuna's evaluator has no place
+    for). Never for a grid stage (it tries every candidate) or where it is off."""
     n = patience(plan)
     if not n or plan.space.grid:
         return False
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     if not any(t.state == TrialState.COMPLETE for t in trials):
         return False  # nothing to improve on yet
-    finished = _as_complete(trials)
+    epochs = plan.incumbent.get("epochs")
+    finished = _as_complete(trials, int(epochs) if isinstance(epochs, int) else 0)
     since = max((int(r.get("from_trial", 0)) for r in study.user_attrs.get(WIDENED, [])),
                 default=0)  # fmt: skip
-    if sum(1 for t in finished if t.number >= since) <= n:
+    if sum(w for t, w in finished if t.number >= since) <= n:
         return False
-    left = BestValueStagnationEvaluator(max_stagnation_trials=n).evaluate(
-        finished, study.direction
-    )
-    return left < 0
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    best = max(range(len(finished)), key=lambda i: (sign * float(finished[i][0].value), -i))  # type: ignore[arg-type]
+    return sum(w for _, w in finished[best + 1 :]) > n
 
 
 def patience(plan: StagePlan) -> int:
@@ -423,21 +426,24 @@ def patience(plan: StagePlan) -> int:
     return max(int(n), PER_VALUE * len(plan.space.params))
 
 
-def _as_complete(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """Finished trials as the stagnation evaluator counts them: a pruned trial is a trial
-    without a new best (its value, its last report, is below the median it was pruned at);
-    Optuna's evaluator counts COMPLETE trials only, so a pruned one is passed as one."""
+def _as_complete(trials: Sequence[FrozenTrial], epochs: int) -> list[tuple[FrozenTrial, float]]:
+    """Finished trials as the stop rule counts them, each with its weight: a COMPLETE trial
+    counts 1; a pruned one is a trial without a new best (its value, its last report, is below
+    the median it was pruned at) that counts the share of the ``epochs`` it trained (1 where
+    the trials have no epoch budget); one that reported nothing did not train, and is left out."""
     out = []
     for t in trials:
+        weight = 1.0
         if t.state == TrialState.PRUNED:
             last = t.last_step
             if last is None or not math.isfinite(t.intermediate_values[last]):
                 continue  # nothing reported: it did not train, it does not count
             t = copy.copy(t)
             t.state, t.value = TrialState.COMPLETE, t.intermediate_values[last]
+            weight = min(1.0, max(last, 1) / epochs) if epochs > 0 else 1.0
         elif t.value is None or not math.isfinite(t.value):
             continue
-        out.append(t)
+        out.append((t, weight))
     return out
 
 
@@ -447,6 +453,6 @@ def stop_text(plan: StagePlan) -> str:
         "" if n == setting else f", {PER_VALUE} per searched value"
     )
     return (
-        f"stage {plan.stage} stopped: no new best in its last {n} finished trials (the stop"
-        f" rule {rule}: Optuna's BestValueStagnationEvaluator)"
+        f"stage {plan.stage} stopped: no new best in its last {n} finished trials, a pruned one"
+        f" counted by the epochs it trained (the stop rule {rule})"
     )
