@@ -118,3 +118,19 @@ def test_the_architecture_stage_probes_each_normalization_on_the_incumbent(tmp_p
             k: v for k, v in queued[0].items() if k != "model.norm"
         }
     assert queued[0]["lr[adam]"] == pytest.approx(0.01)
+
+
+def test_the_samplers_random_start_comes_after_the_enqueued_trials() -> None:
+    # The architecture stage enqueues the incumbent and three probes; TPE counts finished
+    # trials, so with 5 random ones (the study's n_startup_trials) it would model 12 values
+    # after one draw, from four configs that differ in the normalization alone.
+    from tuner.samplers import make_sampler
+    from tuner.stage import first_trials
+
+    opt = best("optimizer", 4, 0.99, {}, optimizer="adam", lr=0.01)
+    plan = plan_stage(STUDY, "architecture", bests(opt))
+    assert len(first_trials(plan)) == 4 and STUDY.sampler["n_startup_trials"] == 5
+    sampler = make_sampler(STUDY, 0, queued=len(first_trials(plan)))
+    assert sampler._n_startup_trials == 9  # type: ignore[attr-defined]
+    race = plan_stage(STUDY, "batch_size", bests())
+    assert first_trials(race) == []  # a grid stage queues its own points

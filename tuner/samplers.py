@@ -22,10 +22,14 @@ from tuner.plan import StagePlan
 
 COMPLETE = (TrialState.COMPLETE,)
 REFRESH_SECONDS = storages.FLUSH_SECONDS  # the pruner counts other workers' trials this often
+TPE_STARTUP = 10  # optuna.samplers.TPESampler's own n_startup_trials
 
 
-def make_sampler(study: StudyConfig, seed: int) -> optuna.samplers.BaseSampler:
-    """The study's sampler, seeded."""
+def make_sampler(study: StudyConfig, seed: int, queued: int = 0) -> optuna.samplers.BaseSampler:
+    """The study's sampler, seeded. ``queued``: the trials a stage enqueues before the sampler
+    draws (the incumbent, the probes); TPE's random start (``n_startup_trials``) comes after
+    them, as it would count them otherwise and model a 12-value space from the incumbent and
+    its probes, which differ in one value, after a single random trial."""
     options = {k: v for k, v in study.sampler.items() if k not in ("name", "seed")}
     name = study.sampler.get("name", "tpe")
     try:
@@ -34,6 +38,8 @@ def make_sampler(study: StudyConfig, seed: int) -> optuna.samplers.BaseSampler:
         # group=True: TPE models the conditional parameters (momentum[sgd] ...) per branch.
         options.setdefault("multivariate", True)
         options.setdefault("group", True)
+        startup = options.get("n_startup_trials", TPE_STARTUP)
+        options["n_startup_trials"] = int(startup) + queued
         return optuna.samplers.TPESampler(seed=seed, **options)
     except TypeError as exc:
         raise UserError(f"sampler {name}: {exc}.") from None

@@ -201,7 +201,7 @@ def work(
     study = optuna.load_study(
         study_name=plan.name,
         storage=storage,
-        sampler=make_sampler(plan.study, seed),
+        sampler=make_sampler(plan.study, seed, queued=len(first_trials(plan))),
         pruner=read_less(make_pruner(plan, int(plan.incumbent.get("epochs", 1) or 1))),
     )
     progress = TrialLines(plan, budget, out, bar)
@@ -281,15 +281,22 @@ def _start(plan: StagePlan, study: optuna.Study) -> None:
         "tuner_version": __version__,
     }
     storages.set_study_user_attrs(study, {key: plain(value) for key, value in attrs.items()})
-    if not plan.space.grid:  # a grid stage queues its points in _queue_grid
-        # skip_if_exists: workers on other machines may start the stage at the same moment.
-        params = search_spaces.params_of(plan.space, plan.incumbent)
+    # skip_if_exists: workers on other machines may start the stage at the same moment.
+    for params in first_trials(plan):
         study.enqueue_trial(params, skip_if_exists=True)
-        # Then the probes: the incumbent with each other choice of a `probe: true` parameter.
-        for change in search_spaces.probes(plan.space, plan.incumbent):
-            config = merged(plan.incumbent, change)
-            probe = search_spaces.params_of(plan.space, config, plan.incumbent)
-            study.enqueue_trial(probe, skip_if_exists=True)
+
+
+def first_trials(plan: StagePlan) -> list[dict[str, Any]]:
+    """The params of the trials a stage enqueues before its sampler draws: the incumbent,
+    then the probes (the incumbent with each other choice of a ``probe: true`` parameter).
+    None for a grid stage: it queues its points in ``_queue_grid``."""
+    if plan.space.grid:
+        return []
+    first = [search_spaces.params_of(plan.space, plan.incumbent)]
+    for change in search_spaces.probes(plan.space, plan.incumbent):
+        config = merged(plan.incumbent, change)
+        first.append(search_spaces.params_of(plan.space, config, plan.incumbent))
+    return first
 
 
 def _queue_grid(plan: StagePlan, study: optuna.Study) -> None:
