@@ -322,7 +322,7 @@ def test_pruned_trials_count_by_the_epochs_they_trained() -> None:
     # each as a whole trial, 24 trials pruned at epoch 3 (a quarter of 12 epochs each) ended a
     # 12-value stage after 6 trials' worth of training, with half its time left.
     plan = lr_plan(loop={"widen": True, "rescore": False, "stagnation": 3})
-    assert plan.incumbent["epochs"] == 12
+    assert plan.incumbent["epochs"] == 12 and closed_loop.patience(plan) == 6  # 3 values x 2
     study = optuna.create_study(direction="maximize")
     study.add_trial(trial(0, 0.9, 1e-3))
 
@@ -333,18 +333,18 @@ def test_pruned_trials_count_by_the_epochs_they_trained() -> None:
         t.number = number
         return t
 
-    for i in range(1, 13):  # 12 trials pruned at epoch 3: 3 trials' training, not more
+    for i in range(1, 25):  # 24 trials pruned at epoch 3: 6 trials' training, not more
         study.add_trial(pruned(i))
     assert not closed_loop.stagnated(plan, study)
-    study.add_trial(trial(13, 0.8, 1e-3))  # a complete one more: 4 > 3
+    study.add_trial(trial(25, 0.8, 1e-3))  # a complete one more: 7 > 6
     assert closed_loop.stagnated(plan, study)
-    # Pruned late, a trial trained about as much as a complete one: 4 of them end the stage.
+    # Pruned late, a trial trained about as much as a complete one: 7 of them end the stage.
     late = optuna.create_study(direction="maximize")
     late.add_trial(trial(0, 0.9, 1e-3))
-    for i in range(1, 4):
+    for i in range(1, 7):
         late.add_trial(pruned(i, epoch=12))
     assert not closed_loop.stagnated(plan, late)
-    late.add_trial(pruned(4, epoch=12))
+    late.add_trial(pruned(7, epoch=12))
     assert closed_loop.stagnated(plan, late)
     # A pruned trial that reported nothing did not train: it is not counted.
     fresh = optuna.create_study(direction="maximize")

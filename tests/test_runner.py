@@ -163,10 +163,10 @@ def test_run_budgets_share_trials_and_time_as_the_study_says(study) -> None:
     stages = study.stages
     assert stage_budgets(study, stages, None) == study.trials
     assert stage_budgets(study, stages, 24) == {
-        "batch_size": 2, "lr": 4, "optimizer": 4, "architecture": 8, "refine": 6,
+        "batch_size": 2, "lr": 4, "optimizer": 2, "architecture": 10, "refine": 6,
     }  # fmt: skip
     assert stage_budgets(study, ("lr",), 20) == {"lr": 20}
-    # 110 s left for lr, optimizer, architecture, refine (shares 2, 2, 4, 3): 2/11 for lr.
+    # 110 s left for lr, optimizer, architecture, refine (shares 2, 1, 5, 3): 2/11 for lr.
     assert stage_timeout(study, "lr", stages[1:], 110.0) == pytest.approx(20.0)
     assert stage_timeout(study, "lr", stages[1:], None) is None
 
