@@ -233,7 +233,7 @@ def test_a_config_an_earlier_stage_rescored_is_not_trained_again(tmp_path: Path)
 
     plan = lr_plan()
     closed_loop.rescore(now, plan, fn, 2, 2, deadline=None, out=lambda line: None,
-                        earlier=[earlier])  # fmt: skip
+                        known=closed_loop.known_values([earlier]))  # fmt: skip
     assert trained == [2e-3, 2e-3]  # only the new config, on its two more seeds
     stored = optuna.load_study(study_name="now", storage=storage)
     assert stored.user_attrs[RESCORED] == {"0": [0.95, 0.94, 0.96], "1": [0.96, 0.9, 0.9]}

@@ -263,13 +263,14 @@ def rescore(
     *,
     deadline: float | None,
     out: Print,
-    earlier: Sequence[optuna.Study] = (),
+    known: Mapping[str, list[float]] | None = None,
 ) -> None:
     """Train the stage's ``top`` trials again on ``seeds`` more seeds (seed+1, seed+2, ...),
     each run recorded at once; stop where the next would end after ``deadline``.
 
-    A trial whose config an ``earlier`` stage re-scored already (the incumbent, mostly: the
-    best of the stage before) takes those values instead of training again."""
+    A trial whose config an earlier stage re-scored already (``known``, from
+    ``known_values``: the incumbent, mostly, the best of the stage before) takes those values
+    instead of training again."""
     config0 = plan.incumbent
     if not isinstance(config0.get("seed"), int) or isinstance(config0.get("seed"), bool):
         return  # the objective has no integer seed to vary
@@ -282,7 +283,7 @@ def rescore(
     candidates = ranked(study)[:top]
     if len(candidates) < 2:
         return
-    known = known_values(earlier)
+    known = known or {}
     for trial in candidates:
         config = trial.user_attrs["config"]
         values = scored.setdefault(str(trial.number), [float(trial.value)])  # type: ignore[arg-type]

@@ -162,13 +162,13 @@ def _run(
         trials_until = deadline
         if rescore and deadline is not None and budget.timeout is not None:
             trials_until = deadline - RESCORE_SHARE * budget.timeout
-        reserve, earlier = None, []
-        if rescore:
+        reserve, known = None, {}
+        if rescore:  # what the earlier stages re-scored: re-scoring reuses it, not trains it
             before = study.stages[: study.stages.index(name)]
             earlier = [s for b in before if (s := storages.load(storage, study.stage_name(b)))]
+            known = closed_loop.known_values(earlier)
         if rescore and deadline is not None:
             top, seeds = rescore["top"], rescore["seeds"]
-            known = closed_loop.known_values(earlier)  # what re-scoring reuses, it does not train
             reserve = functools.partial(closed_loop.reserve, top=top, seeds=seeds, known=known)
         runs = Stage(plan, storage, fn, helpers, draw and workers == 1, out, reserve, deadline)
         found = runs.trials(budget, trials_until, done)
@@ -176,7 +176,7 @@ def _run(
             found, plan = _widen(runs, found, budget, trials_until, out)
         if rescore:
             closed_loop.rescore(found, plan, fn, rescore["top"], rescore["seeds"],
-                                deadline=deadline, out=out, earlier=earlier)  # fmt: skip
+                                deadline=deadline, out=out, known=known)  # fmt: skip
         notes.write_stage_note(found, diagnostics.record(found, out))
         ended = str(found.user_attrs.get("ended") or "")
         if name != stages[-1] and best_of(storage, study)(name) is None:
