@@ -289,7 +289,7 @@ def _start(plan: StagePlan, study: optuna.Study) -> None:
 def first_trials(plan: StagePlan) -> list[dict[str, Any]]:
     """The params of the trials a stage enqueues before its sampler draws: the incumbent,
     then the probes (the incumbent with each other choice of a ``probe: true`` parameter).
-    None for a grid stage: it queues its points in ``_queue_grid``."""
+    Empty for a grid stage: it queues its points in ``_queue_grid``."""
     if plan.space.grid:
         return []
     first = [search_spaces.params_of(plan.space, plan.incumbent)]
