@@ -134,6 +134,20 @@ def test_the_best_of_a_rescored_stage_is_the_best_mean_not_the_luckiest_value() 
     assert best_trial(study).number == 0
 
 
+def test_rescored_trials_are_compared_on_their_fresh_seeds_only() -> None:
+    # The first value put each trial in the top few, the first-ranked most of all: #0's mean
+    # over all three seeds (0.9883) beats #1's (0.9867), but on the two seeds trained after
+    # the choice #1 scores 0.9875 against #0's 0.9850.
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(trial(0, 0.995, 1e-3))
+    study.add_trial(trial(1, 0.985, 2e-3))
+    study.set_user_attr(RESCORED, {"0": [0.995, 0.985, 0.985], "1": [0.985, 0.9875, 0.9875]})
+    assert best_trial(study).number == 1
+    assert closed_loop.spread_text([0.995, 0.985, 0.985]) == (
+        "0.9883 ± 0.0058 (3 seeds; fresh 0.9850)"
+    )
+
+
 def test_rescoring_trains_the_top_trials_on_more_seeds_and_the_best_mean_wins(
     tmp_path: Path,
 ) -> None:
@@ -185,6 +199,52 @@ def test_the_time_kept_for_rescoring_is_what_the_top_trials_took() -> None:
     assert closed_loop.reserve(study, top=3, seeds=2, known=known) == pytest.approx(16.0)
     moved = {next(iter(known)): [0.97, 0.98]}  # another seed-0 value: not the same training run
     assert closed_loop.reserve(study, top=3, seeds=2, known=moved) == pytest.approx(42.0)
+
+
+def test_a_stage_with_one_finished_trial_keeps_no_time_for_rescoring() -> None:
+    # Re-scoring compares two or more: keeping a slow trial's 3 runs left a stage with that one
+    # trial and 44 s of its 73 unused (a width-48 net, 28 s a trial).
+    import datetime as dt
+
+    study = optuna.create_study(direction="maximize")
+    start = dt.datetime(2026, 1, 1)
+    t = trial(0, 0.99, 1e-3)
+    t.datetime_start, t.datetime_complete = start, start + dt.timedelta(seconds=28)
+    study.add_trial(t)
+    assert closed_loop.reserve(study, top=3, seeds=2) == 0.0
+    t = trial(1, 0.98, 2e-3)
+    t.datetime_start, t.datetime_complete = start, start + dt.timedelta(seconds=4)
+    study.add_trial(t)
+    assert closed_loop.reserve(study, top=3, seeds=2) == pytest.approx(2 * (28 + 4) + 28)
+
+
+def test_rescoring_cut_short_gives_every_candidate_a_fresh_seed_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each run takes 10 s on a clock the objective moves; the deadline holds 3 of the 6 runs.
+    import datetime as dt
+
+    clock = [1000.0]
+    monkeypatch.setattr(closed_loop.time, "time", lambda: clock[0])
+    study = optuna.create_study(direction="maximize")
+    start = dt.datetime(2026, 1, 1)
+    for number, value in enumerate([0.99, 0.98, 0.97]):
+        t = trial(number, value, 1e-3 * (number + 1))
+        t.datetime_start, t.datetime_complete = start, start + dt.timedelta(seconds=10)
+        study.add_trial(t)
+    trained: list[tuple[float, int]] = []
+
+    def fn(config: dict[str, Any], report: Any) -> dict[str, Any]:
+        clock[0] += 10
+        trained.append((config["lr"], config["seed"]))
+        return {"accuracy": 0.985 if config["lr"] == 2e-3 else 0.95}
+
+    lines: list[str] = []
+    closed_loop.rescore(study, lr_plan(), fn, 3, 2, deadline=1035.0, out=lines.append)
+    seed = CONFIG["seed"] + 1
+    assert trained == [(1e-3, seed), (2e-3, seed), (3e-3, seed)]  # not #0 on two seeds first
+    assert "rescoring stopped: out of the stage's time" in lines[-1]
+    assert best_trial(study).number == 1  # the best on the fresh seed, each compared on one
 
 
 def test_a_stage_of_slow_trials_leaves_its_rescoring_the_time_it_needs(tmp_path: Path) -> None:

@@ -110,8 +110,7 @@ def render(study: StudyConfig, rows: list[StageStatus]) -> str:
             continue
         best = f"{r.best_value:.4f}" if r.best_value is not None else "-"
         if r.best_seeds:
-            mean, std, n = closed_loop.spread(r.best_seeds)
-            best = f"{mean:.4f} ± {std:.4f} ({n} seeds)"
+            best = closed_loop.spread_text(r.best_seeds)
         table.append((
             r.stage, f"{r.complete + r.pruned}/{r.budget}", str(r.complete), str(r.pruned),
             str(r.failed), best, f"#{r.best_number}" if r.best_number is not None else "-",

@@ -7,7 +7,8 @@ Three rules, each a plain decision with its own study-file switch (``loop:`` in 
   edge of a float range widens that range, and the stage goes on with more trials, the first
   of them the best trial moved into the new part of the range;
 - **rescore** (choose through the noise): the stage's top trials are trained again on other
-  seeds (another split and initialization), and the stage's best is the best *mean*, so a
+  seeds (another split and initialization), and the stage's best is the best mean over those
+  fresh seeds (the first value is what put a trial in the top few, so it flatters it), so a
   lucky validation split does not win; the spread is stored and shown. A stage whose every
   value a later stage of the run searches again (the lr stage, before the architecture and
   refinement stages re-tune the lr and its schedule) is provisional and is not re-scored;
@@ -43,7 +44,7 @@ from tuner.config import StudyConfig
 from tuner.nested import merged
 from tuner.objective import Objective
 from tuner.plan import StagePlan, load_space
-from tuner.results import RESCORED, best_trial, ranked
+from tuner.results import RESCORED, best_trial, fresh_mean, ranked
 
 Print = Callable[[str], None]
 EDGE = 0.05  # a value within 5% of a range's width (in its scale) of an edge sits at it
@@ -266,7 +267,8 @@ def rescore(
     known: Mapping[str, list[float]] | None = None,
 ) -> None:
     """Train the stage's ``top`` trials again on ``seeds`` more seeds (seed+1, seed+2, ...),
-    each run recorded at once; stop where the next would end after ``deadline``.
+    breadth first (every candidate on seed+1, then on seed+2), each run recorded at once;
+    stop where the next would end after ``deadline``.
 
     A trial whose config an earlier stage re-scored already (``known``, from
     ``known_values``: the incumbent, mostly, the best of the stage before) takes those values
@@ -284,14 +286,20 @@ def rescore(
     if len(candidates) < 2:
         return
     known = known or {}
-    for trial in candidates:
-        config = trial.user_attrs["config"]
+    for trial in candidates:  # values an earlier stage holds for the same config: reused
         values = scored.setdefault(str(trial.number), [float(trial.value)])  # type: ignore[arg-type]
-        again = _reused(known, config, values[0])
+        again = _reused(known, trial.user_attrs["config"], values[0])
         if len(values) == 1 and again is not None:
-            values[:] = again[: seeds + 1]  # the same config, the same seed-0 value: reused
-        took = _seconds(trial) or each  # this config's own time, not the stage's mean
-        while len(values) < seeds + 1:
+            values[:] = again[: seeds + 1]
+    # Breadth first: each candidate gets its next seed before any gets the one after, so a
+    # re-scoring cut short by the deadline still compares every candidate on a fresh seed.
+    for count in range(2, seeds + 2):
+        for trial in candidates:
+            config = trial.user_attrs["config"]
+            values = scored[str(trial.number)]
+            if len(values) >= count:
+                continue
+            took = _seconds(trial) or each  # this config's own time, not the stage's mean
             if deadline is not None and time.time() + took > deadline:
                 out(f"  rescoring stopped: out of the stage's time ({_summary(study, scored)})")
                 storages.set_study_user_attrs(study, {RESCORED: scored})
@@ -318,10 +326,15 @@ def reserve(
     """Seconds the re-scoring of a stage will need as it stands: its top ``top`` trials' own
     durations once per extra seed (a wide net trains longer than the stage's mean trial), and
     one run of the longest of them more, for what is recorded between the runs. A trial whose
-    values over seeds an earlier stage holds (``known``: see ``known_values``) needs none."""
+    values over seeds an earlier stage holds (``known``: see ``known_values``) needs none, and
+    a stage with a single finished trial keeps nothing: re-scoring compares two or more, and
+    keeping a slow trial's re-scoring time left a stage with one trial and its time unused."""
+    candidates = ranked(study)[:top]
+    if len(candidates) < 2:
+        return 0.0  # nothing to compare yet: the stage's next trial is worth more
     took = [
         _seconds(t) or 0.0
-        for t in ranked(study)[:top]
+        for t in candidates
         if _reused(known or {}, t.user_attrs.get("config", {}), float(t.value)) is None  # type: ignore[arg-type]
     ]
     return seeds * sum(took) + max(took, default=0.0)
@@ -371,7 +384,7 @@ def _fingerprint(config: Mapping[str, Any]) -> str:
 
 
 def _summary(study: optuna.Study, scored: Mapping[str, list[float]]) -> str:
-    parts = [f"#{k} {_spread_text(v)}" for k, v in scored.items()]
+    parts = [f"#{k} {spread_text(v)}" for k, v in scored.items()]
     best = best_trial(study)
     chosen = f"; best: #{best.number}" if best is not None else ""
     return ", ".join(parts) + chosen
@@ -385,9 +398,11 @@ def spread(values: Sequence[float]) -> tuple[float, float, int]:
     return mean, std, len(values)
 
 
-def _spread_text(values: Sequence[float]) -> str:
+def spread_text(values: Sequence[float]) -> str:
+    """``0.9912 ± 0.0021 (3 seeds; fresh 0.9900)``: the mean and spread over every seed, and
+    the mean over the fresh ones (all but the first), by which the stage's best is chosen."""
     mean, std, n = spread(values)
-    return f"{mean:.4f} ± {std:.4f} ({n} seeds)"
+    return f"{mean:.4f} ± {std:.4f} ({n} seeds; fresh {fresh_mean(list(values)):.4f})"
 
 
 # --- stagnation --------------------------------------------------------------------------------
