@@ -264,15 +264,31 @@ def test_a_stage_of_slow_trials_leaves_its_rescoring_the_time_it_needs(tmp_path:
         objective=slow,
     )  # fmt: skip
     lines: list[str] = []
-    result = tuner.run(study, timeout=8, check=False, progress=lines.append)
+    result = tuner.run(study, timeout=12, check=False, progress=lines.append)
     found = optuna.load_study(study_name="study/lr", storage=study.storage)
     # The run says the time is spent, and how much was left where no further trial fit.
-    assert re.fullmatch(r"its timeout \(8 s\) was spent(: no trial fit in the \d+ s left)?",
+    assert re.fullmatch(r"its timeout \(12 s\) was spent(: no trial fit in the \d+ s left)?",
                         result.ended), result.ended  # fmt: skip
-    # 3 trials x 2 seeds x 0.5 s is 3 s, more than a fixed fifth of the 8 s: the trials stop
-    # early enough for all of it.
+    # 3 trials x 2 seeds x 0.5 s is 3 s, more than a fixed fifth of the 12 s (and within the
+    # third a stage keeps at most): the trials stop early enough for all of it.
     assert [len(v) for v in found.user_attrs[RESCORED].values()] == [3, 3, 3], lines
     assert not any("rescoring stopped" in line for line in lines), lines
+
+
+def test_slow_top_trials_keep_at_most_a_third_of_the_stage_from_its_search() -> None:
+    # A 40 s net in the top 3 asked for 2 x (40 + 7 + 7) + 40 = 148 s of a 128 s stage, which
+    # then ended after its 5th trial: the search keeps two thirds, the re-scoring gets the rest.
+    from tuner import runner
+
+    study = optuna.create_study(direction="maximize")
+
+    def rescoring(s: optuna.Study) -> float:
+        return 148.0
+
+    cap = runner.KEPT_SHARE * 128
+    assert runner._kept(study, rescoring, 1, cap) == pytest.approx(128 / 3)
+    assert runner._kept(study, lambda s: 20.0, 1, cap) == 20.0  # within the cap: all of it
+    assert runner._kept(study, rescoring, 1, None) == 148.0  # no time limit: nothing to cap
 
 
 def test_a_config_an_earlier_stage_rescored_is_not_trained_again(tmp_path: Path) -> None:
@@ -447,6 +463,9 @@ def test_the_loop_switches_are_checked(tmp_path: Path) -> None:
             "search_spaces": {"lr": {"schedule": None, "warmup": None}}}  # fmt: skip
     assert tuner.load({**base, "loop": {"widen": False}}).loop["widen"] is False
     assert tuner.load({**base, "loop": {"smooth": False}}).loop["smooth"] == 1  # off
+    assert tuner.load({**base, "loop": {"longer": False}}).loop["longer"] == 1  # off
+    assert tuner.load({**base, "loop": {"longer": True}}).loop["longer"] == 2
+    assert tuner.load({**base, "loop": {"longer": 3}}).loop["longer"] == 3
     assert tuner.load({**base, "loop": {"rescore": {"top": 2}}}).loop["rescore"] == {
         "top": 2, "seeds": 2}  # fmt: skip
     for loop, message in [
@@ -455,6 +474,7 @@ def test_the_loop_switches_are_checked(tmp_path: Path) -> None:
         ({"stagnation": -1}, "loop.stagnation must be a whole number of at least 1"),
         ({"smooth": 0}, "loop.smooth must be a whole number of at least 1"),
         ({"smooth": 2.5}, "loop.smooth must be a whole number of at least 1"),
+        ({"longer": 0}, "loop.longer must be a whole number of at least 1"),
         ({"widn": True}, "unknown key 'widn' (did you mean widen?)"),
     ]:
         with pytest.raises(UserError, match=re.escape(message)):
@@ -490,3 +510,109 @@ def test_a_stage_whose_best_sits_at_an_edge_widens_it_and_finds_what_lay_beyond(
     assert best_trial(found).params["lr"] > 3e-2  # beyond the old edge
     row = tuner.status(study)[0]
     assert row.widened and row.widened[0].startswith("widened lr:")
+
+
+# --- longer -----------------------------------------------------------------------------------
+
+
+def late(number: int, best_epoch: int, epochs: int = 12, stop: str = "max_epochs", **config: Any):
+    t = trial(number, 0.99, 1e-3, best_epoch=best_epoch, stop_reason=stop)
+    t.user_attrs["config"] = {**t.user_attrs["config"], "epochs": epochs, **config}
+    return t
+
+
+@pytest.mark.parametrize(
+    ("best_epoch", "stop", "factor", "asks"),
+    [
+        (12, "max_epochs", 2, True),  # peaked at the end of its schedule
+        (10, "max_epochs", 2, True),  # in the last 25%
+        (9, "max_epochs", 2, False),  # at 75%: not late
+        (12, "out_of_time", 2, False),  # cut short by the deadline: its epochs were not all run
+        (8, "patience", 2, False),  # early-stopped: it had peaked
+        (12, "max_epochs", 1, False),  # the rule is off
+    ],
+)
+def test_a_best_that_peaked_late_is_followed_up_with_more_epochs(
+    best_epoch: int, stop: str, factor: int, asks: bool
+) -> None:
+    found = closed_loop.follow_up(late(3, best_epoch, stop=stop, patience=4), factor)
+    assert (found is not None) == asks
+    if found is not None:
+        assert found.set == {"epochs": 24, "patience": 8}  # patience would cut the decay short
+        assert found.line().startswith("train longer: the best trial (#3) peaked at epoch")
+
+
+def test_the_time_kept_for_the_follow_up_is_its_best_trial_twice() -> None:
+    import datetime as dt
+
+    study = optuna.create_study(direction="maximize")
+    t = late(0, 12)
+    start = dt.datetime(2026, 1, 1)
+    t.datetime_start, t.datetime_complete = start, start + dt.timedelta(seconds=7)
+    study.add_trial(t)
+    assert closed_loop.follow_up_seconds(study, 2) == pytest.approx(14.0)
+    assert closed_loop.follow_up_seconds(study, 1) == 0.0  # off
+    study.set_user_attr(closed_loop.LONGER, {"trial": 0})
+    assert closed_loop.follow_up_seconds(study, 2) == 0.0  # run already
+
+
+def growing(config: dict[str, Any], report: Any) -> dict[str, Any]:
+    """A run whose metric climbs to its last epoch, and higher the longer it trains; on its
+    way up, a longer run stays below a shorter one (its schedule decays later), which is
+    what a pruner comparing epoch by epoch would hold against it."""
+    epochs = int(config["epochs"])
+    lift = 0.01 * math.log10(config["lr"] / 1e-4)  # a small lr effect, for the ranking
+    best = 0.0
+    for epoch in range(1, epochs + 1):
+        value = 0.5 + 0.4 * epoch / epochs + 0.02 * (epochs > 4) * (epoch == epochs) + lift
+        best = max(best, value)
+        report(epoch, {"accuracy": value})
+    return {"accuracy": best, "best_epoch": epochs, "stop_reason": "max_epochs"}
+
+
+def longer_study(tmp_path: Path, **loop: Any) -> Any:
+    return tuner.load(
+        {"stages": ["lr"], "budget": {"trials": {"lr": 6}},
+         "storage": f"sqlite:///{tmp_path}/l.db",
+         "loop": {"stagnation": False, "widen": False, "rescore": False, "smooth": False, **loop},
+         "search_spaces": {"lr": {"schedule": None, "warmup": None}},
+         "sampler": {"seed": 0}, "pruner": {"name": "median", "n_startup_trials": 2},
+         "defaults": {"lr": 3e-3, "epochs": 4, "patience": 2, "seed": 0}},
+        objective=growing,
+    )  # fmt: skip
+
+
+def test_the_last_stage_trains_its_late_best_longer_and_the_longer_run_wins(
+    tmp_path: Path,
+) -> None:
+    study = longer_study(tmp_path)
+    lines: list[str] = []
+    tuner.run(study, check=False, progress=lines.append)
+    found = optuna.load_study(study_name="study/lr", storage=study.storage)
+    assert len(found.trials) == 7  # its 6, and the follow-up
+    follow = found.trials[-1]
+    assert follow.state == TrialState.COMPLETE  # not pruned: its epochs are not the others'
+    assert follow.user_attrs["config"]["epochs"] == 8
+    assert follow.user_attrs["config"]["patience"] == 4
+    best = best_trial(found)
+    assert best.number == follow.number
+    assert follow.params == found.trials[found.user_attrs[closed_loop.LONGER]["trial"]].params
+    assert any(line.startswith("  train longer: the best trial") for line in lines)
+    shown = "\n".join(tuner.status(study)[0].widened)
+    assert f"as trial #{follow.number} with epochs=8, patience=4" in shown
+    assert "the best now" in shown
+    exported = tuner.best_config(study)
+    assert exported["config"]["epochs"] == 8
+    assert exported["provenance"]["values"]["epochs"] == f"lr#{follow.number}"
+
+
+def test_a_stage_run_alone_or_with_the_rule_off_is_not_followed_up(tmp_path: Path) -> None:
+    study = longer_study(tmp_path)
+    tuner.run(study, stage="lr", check=False, progress=lambda line: None)
+    found = optuna.load_study(study_name="study/lr", storage=study.storage)
+    assert len(found.trials) == 6 and closed_loop.LONGER not in found.user_attrs
+    off = longer_study(tmp_path / "off", longer=False)
+    (tmp_path / "off").mkdir()
+    tuner.run(off, check=False, progress=lambda line: None)
+    found = optuna.load_study(study_name="study/lr", storage=off.storage)
+    assert len(found.trials) == 6 and closed_loop.LONGER not in found.user_attrs

@@ -17,7 +17,7 @@ from tuner.config import StudyConfig
 from tuner.errors import UserError
 from tuner.nested import flatten, get_path
 from tuner.plan import Source, load_space
-from tuner.results import best_trial
+from tuner.results import SET, best_trial
 
 
 def best_config(study: StudyConfig, stage: str | None = None) -> dict[str, Any]:
@@ -54,8 +54,8 @@ def _document(
     lineage = {k: Source.from_dict(v) for k, v in stage_attrs.get("lineage", {}).items()}
     own = Source(stage, number, value)
     values = {key: lineage.get(key, Source()) for key in lineage}
-    for key in load_space(study, stage).keys:
-        values[key] = own
+    for key in [*load_space(study, stage).keys, *(trial_attrs.get(SET) or {})]:
+        values[key] = own  # a follow-up's epochs too: that trial set them
     stages: dict[str, Any] = {}
     for source in [*values.values(), own]:
         if source.stage is not None:

@@ -38,7 +38,7 @@ class StageStatus:
     changed: list[str] = field(default_factory=list)  # upstream keys changed since it ran
     diagnostics: list[str] = field(default_factory=list)
     best_seeds: list[float] = field(default_factory=list)  # the best's value on each seed
-    widened: list[str] = field(default_factory=list)  # what the closed loop widened, and why
+    widened: list[str] = field(default_factory=list)  # what the closed loop changed, and why
     ended: str | None = None  # the stop rule's line, where it ended the stage
     devices: str = ""  # how many trials each device ran (tuner.devices), where a run set them
     race: dict[int, dict[str, Any]] = field(default_factory=dict)  # a time race's measurements
@@ -88,6 +88,8 @@ def _fill(row: StageStatus, found: optuna.Study) -> None:
         closed_loop.Widening.from_dict(r).line()
         for r in found.user_attrs.get(closed_loop.WIDENED, [])
     ]
+    longer = closed_loop.follow_up_line(found)
+    row.widened += [longer] if longer else []
     row.ended = found.user_attrs.get("ended") or None
     row.fixed = dict(found.user_attrs.get("fixed", {}))
     row.lineage = {k: Source.from_dict(v) for k, v in found.user_attrs.get("lineage", {}).items()}

@@ -1,6 +1,6 @@
 """The closed loop: what a stage does with what it found before the next stage fixes its values.
 
-Three rules, each a plain decision with its own study-file switch (``loop:`` in the study file,
+The rules, each a plain decision with its own study-file switch (``loop:`` in the study file,
 ``tuner.config.LOOP_DEFAULTS``), and each recorded with the stage (user attrs, note, status):
 
 - **widen** (the playbook: check the boundaries, then extend): a best value at a non-natural
@@ -16,6 +16,9 @@ Three rules, each a plain decision with its own study-file switch (``loop:`` in 
   its validation metric over a few consecutive epochs, not its luckiest single epoch: on a
   few hundred validation samples the maximum over a dozen noisy epochs flatters a run whose
   curve jumps (a high lr that never settles) over one that converges;
+- **longer** (act on "train longer"): the run's last stage trains a best trial that peaked in
+  the last 25% of its epochs once more with ``factor`` x its epochs and patience, unpruned,
+  where its time was kept; the validation metric decides which stands;
 - **stagnation** (stop on a stated rule): a stage stops after N finished trials without a new
   best, at least ``PER_VALUE`` per value it searches (Optuna's
   ``BestValueStagnationEvaluator``'s rule), a pruned trial counted by the share of the epochs it
@@ -39,12 +42,13 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from search_spaces._space import Param
+from tuner import diagnostics
 from tuner import storage as storages
 from tuner.config import StudyConfig
 from tuner.nested import merged
 from tuner.objective import Objective
 from tuner.plan import StagePlan, load_space
-from tuner.results import RESCORED, best_trial, fresh_mean, ranked
+from tuner.results import RESCORED, SET, best_trial, fresh_mean, ranked
 
 Print = Callable[[str], None]
 EDGE = 0.05  # a value within 5% of a range's width (in its scale) of an edge sits at it
@@ -192,10 +196,12 @@ def record_widenings(study: optuna.Study, found: Sequence[Widening]) -> list[dic
 
 
 def extra_trials(study: optuna.Study | None) -> int:
-    """Trials the stage's widenings added to its budget."""
+    """Trials the stage's widenings (and its follow-up with more epochs) added to its budget."""
     if study is None:
         return 0
-    return sum(int(r.get("extra_trials", EXTRA_TRIALS)) for r in study.user_attrs.get(WIDENED, []))
+    widened = study.user_attrs.get(WIDENED, [])
+    followed = 1 if study.user_attrs.get(LONGER) else 0  # the follow-up with more epochs
+    return sum(int(r.get("extra_trials", EXTRA_TRIALS)) for r in widened) + followed
 
 
 def mean_trial_seconds(study: optuna.Study) -> float | None:
@@ -403,6 +409,101 @@ def spread_text(values: Sequence[float]) -> str:
     the mean over the fresh ones (all but the first), by which the stage's best is chosen."""
     mean, std, n = spread(values)
     return f"{mean:.4f} ± {std:.4f} ({n} seeds; fresh {fresh_mean(list(values)):.4f})"
+
+
+# --- longer -----------------------------------------------------------------------------------
+
+
+LONGER = "longer"  # study user attr: the follow-up that trained the best for more epochs
+LATE = diagnostics.LATE_EPOCHS  # a best epoch past 75% of the epochs is late
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    """The best trial trained again for ``factor`` x its epochs: what and why."""
+
+    trial: int  # the best trial it follows up
+    best_epoch: int  # where that trial peaked ...
+    epochs: int  # ... of its epochs
+    schedule: str | None
+    set: dict[str, Any]  # what the follow-up trains with: epochs (and patience) x factor
+    number: int | None = None  # the follow-up's own trial, once queued
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FollowUp:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+    def line(self) -> str:
+        then = "" if self.number is None else f" as trial #{self.number}"
+        trained = ", ".join(f"{k}={v}" for k, v in self.set.items())
+        schedule = f" of its {self.schedule} schedule" if self.schedule else ""
+        return (
+            f"train longer: the best trial (#{self.trial}) peaked at epoch {self.best_epoch} of"
+            f" {self.epochs}{schedule}, so it trains again{then} with {trained}; the"
+            f" validation metric decides which stands"
+        )
+
+
+def follow_up(best: FrozenTrial, factor: int) -> FollowUp | None:
+    """The follow-up a stage's best asks for, or None: a trial that trained all its epochs
+    and peaked in the last 25% of them (still improving, or a decaying schedule's end) is
+    trained again with ``factor`` x its epochs, and its patience scaled alike (else patience
+    would end the longer run in the middle of its decay)."""
+    config = best.user_attrs.get("config") or {}
+    epoch, epochs = best.user_attrs.get("best_epoch"), config.get("epochs")
+    if factor < 2 or best.user_attrs.get("stop_reason") != "max_epochs":
+        return None  # pruned, out of time, early-stopped or trained for a budget: not late
+    if not isinstance(epoch, int) or not isinstance(epochs, int) or isinstance(epochs, bool):
+        return None
+    if epochs < 2 or epoch <= LATE * epochs:
+        return None
+    patience = config.get("patience")
+    changes: dict[str, Any] = {"epochs": factor * epochs}
+    if isinstance(patience, int) and not isinstance(patience, bool) and patience > 0:
+        changes["patience"] = factor * patience
+    schedule = config.get("schedule")
+    return FollowUp(best.number, epoch, epochs, str(schedule) if schedule else None, changes)
+
+
+def follow_up_seconds(study: optuna.Study, factor: int) -> float:
+    """Seconds to keep for the follow-up as the stage stands: ``factor`` x its best trial's
+    own duration where that trial asks for one and the stage has not run it yet."""
+    if factor < 2 or study.user_attrs.get(LONGER):
+        return 0.0
+    top = ranked(study)[:1]
+    if not top or follow_up(top[0], factor) is None:
+        return 0.0
+    return factor * (_seconds(top[0]) or 0.0)
+
+
+def follow_up_line(study: optuna.Study) -> str | None:
+    """The stage's follow-up, and how it came out, for ``status`` and the stage's note."""
+    stored = study.user_attrs.get(LONGER)
+    if not isinstance(stored, Mapping):
+        return None
+    found = FollowUp.from_dict(stored)
+    line = found.line()
+    trials = study.get_trials(deepcopy=False)
+    if found.number is None or found.number >= len(trials):
+        return line
+    trial, best = trials[found.number], best_trial(study)
+    if trial.state != TrialState.COMPLETE:
+        return f"{line}: it ended {trial.state.name}"
+    won = best is not None and best.number == trial.number
+    return f"{line}: {trial.value:.4f}, {'the best now' if won else 'not the best'}"
+
+
+def queue_follow_up(study: optuna.Study, found: FollowUp) -> FollowUp:
+    """Record the follow-up with the stage and queue it: the best's params, with ``SET``."""
+    best = study.get_trials(deepcopy=False)[found.trial]
+    study.enqueue_trial(dict(best.params), user_attrs={SET: dict(found.set)})
+    number = max(t.number for t in study.get_trials(deepcopy=False))
+    found = replace(found, number=number)
+    storages.set_study_user_attrs(study, {LONGER: found.as_dict()})
+    return found
 
 
 # --- stagnation --------------------------------------------------------------------------------

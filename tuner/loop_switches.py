@@ -16,6 +16,10 @@ LOOP_DEFAULTS: dict[str, Any] = {
     # A trial's value is the best mean of its validation metric over this many consecutive
     # epochs, not its luckiest single epoch (tuner.closed_loop.smoothed_peak); 1 or false: off.
     "smooth": 3,
+    # The run's last stage: a best trial that peaked in the last 25% of its epochs is trained
+    # once more with this many times its epochs (and patience), where the time allows, and the
+    # validation metric decides (tuner.closed_loop.follow_up); 1 or false: off.
+    "longer": 2,
 }
 
 
@@ -27,7 +31,7 @@ def read_loop(data: Any, src: str) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise UserError(
-            f"{src}: loop is a mapping of switches (widen, rescore, stagnation, smooth)."
+            f"{src}: loop is a mapping of switches (widen, rescore, stagnation, smooth, longer)."
         )
     _reject_unknown(data, set(LOOP_DEFAULTS), f"{src}: loop")
     loop = {**LOOP_DEFAULTS, **data}
@@ -49,4 +53,7 @@ def read_loop(data: Any, src: str) -> dict[str, Any]:
     if loop["smooth"] is False:
         loop["smooth"] = 1
     _positive_int(loop["smooth"], "loop.smooth", src)
+    if isinstance(loop["longer"], bool):
+        loop["longer"] = LOOP_DEFAULTS["longer"] if loop["longer"] else 1
+    _positive_int(loop["longer"], "loop.longer", src)
     return loop

@@ -14,6 +14,7 @@ from tuner.config import StudyConfig
 from tuner.plan import Best, BestOf, Source
 
 RESCORED = "rescored"  # study user attr: {trial number: values over seeds} (tuner.closed_loop)
+SET = "set"  # trial user attr: config values it trained with beyond its params (a follow-up's)
 SURPLUS = "surplus"  # stop_reason of a trial that found the budget taken when it started
 
 

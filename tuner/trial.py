@@ -26,7 +26,7 @@ from tuner import storage as storages
 from tuner.nested import merged
 from tuner.objective import Objective
 from tuner.plan import StagePlan
-from tuner.results import SURPLUS
+from tuner.results import SET, SURPLUS
 
 LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 # Stop reasons after which a trial is PRUNED rather than COMPLETE: the sampler learns to
@@ -57,6 +57,7 @@ class TrialReport:
         self.best: dict[str, float] = {}  # the best epoch's metrics so far, and its number
         self.curve: list[float] = []  # the metric of every epoch, for the trial's value
         self.started = self.last = time.time()
+        self.prunable = True  # False: the pruner is not asked (a follow-up with more epochs)
 
     def __call__(self, epoch: int, metrics: Mapping[str, float]) -> None:
         now = time.time()
@@ -71,7 +72,7 @@ class TrialReport:
         if best is None or (value > best if self.maximize else value < best):
             self.best = {**{k: float(v) for k, v in metrics.items()}, "best_epoch": epoch}
         self.reports(float(value), epoch)
-        if self.trial.should_prune():
+        if self.prunable and self.trial.should_prune():
             self.reports.flush()
             self.trial.set_user_attr("stop_reason", "pruned")
             raise optuna.TrialPruned(f"pruned at epoch {epoch}")
@@ -162,7 +163,9 @@ class StageObjective:
             trial.set_user_attr("stop_reason", SURPLUS)
             raise Surplus(f"the stage's {budget} trials are taken by other workers")
         drawn = search_spaces.suggest(trial, plan.space, plan.incumbent)
-        config = race.replay(trial.study, merged(plan.incumbent, drawn))
+        # A queued follow-up (closed_loop.FollowUp) trains with more than its params: more epochs.
+        extra = trial.user_attrs.get(SET) or {}
+        config = race.replay(trial.study, merged(plan.incumbent, drawn, extra))
         started_attrs: dict[str, Any] = {
             "config": config,
             "pid": os.getpid(),
@@ -177,6 +180,7 @@ class StageObjective:
         started = time.perf_counter()
         metric, maximize = plan.study.metric, plan.study.direction == "maximize"
         report = TrialReport(trial, metric, self.deadline, maximize, self.pace)
+        report.prunable = not extra  # its epochs are not the others' epochs: not compared
         try:
             try:
                 result = self.fn(config, report)
