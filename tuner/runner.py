@@ -188,7 +188,7 @@ def _run(
         if study.loop["widen"] and not plan.space.grid:
             found, plan = _widen(runs, found, budget, trials_until, out)
         if longer > 1:
-            found = _follow_up(runs, found, budget, longer, trials_until, deadline, rescoring, out)
+            found = _follow_up(runs, found, budget, longer, trials_until, deadline, out)
         if rescore:
             closed_loop.rescore(found, plan, fn, rescore["top"], rescore["seeds"],
                                 deadline=deadline, out=out, known=known)  # fmt: skip
@@ -295,12 +295,13 @@ def _follow_up(
     factor: int,
     trials_until: float | None,
     deadline: float | None,
-    rescoring: Callable[[optuna.Study], float] | None,
     out: Print,
 ) -> optuna.Study:
     """The longer rule (tuner.closed_loop.follow_up): where the stage's best peaked in the
     last 25% of its epochs, train it once more with ``factor`` x its epochs, if it fits
-    before the deadline with the re-scoring's time kept; the validation metric decides."""
+    before the deadline; the validation metric decides. It runs before the re-scoring, which
+    takes what is left of the time kept (breadth first): with the re-scoring's own time
+    kept first, the follow-up never fit in a stage whose kept time was capped."""
     top = results.ranked(found)[:1]
     if not top or found.user_attrs.get(closed_loop.LONGER):
         return found
@@ -309,7 +310,7 @@ def _follow_up(
         return found
     if deadline is not None:
         need = closed_loop.follow_up_seconds(found, factor)  # its best's own time, x factor
-        left = deadline - time.time() - (0.0 if rescoring is None else rescoring(found))
+        left = deadline - time.time()
         if need > left:
             out(
                 f"  train longer: the best trial (#{wanted.trial}) peaked at epoch"

@@ -6,7 +6,8 @@ warm-up, no normalization, ReLU, no label smoothing, no weight decay); the searc
 loop, the data and the budget are the study's own. Each side is given:
 
 - staged: ``python -m tuner run study=<the copy> timeout=B seed=S`` — the stages in order, the
-  closed loop (widen, rescore, stop rule) and the pre-flight checks, one torch thread;
+  closed loop (widen, rescore, the follow-up with more epochs, stop rule) and the pre-flight
+  checks, one torch thread;
 - joint: one Optuna study over the union of the stages' search spaces (the same ranges the
   stages start from, built from tuner's own search-space files around the same plain
   defaults), ``TPESampler(seed=S)`` + ``MedianPruner()``, **the plain defaults enqueued as its
