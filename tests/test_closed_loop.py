@@ -567,7 +567,12 @@ def growing(config: dict[str, Any], report: Any) -> dict[str, Any]:
         value = 0.5 + 0.4 * epoch / epochs + 0.02 * (epochs > 4) * (epoch == epochs) + lift
         best = max(best, value)
         report(epoch, {"accuracy": value})
-    return {"accuracy": best, "best_epoch": epochs, "stop_reason": "max_epochs"}
+    return {
+        "accuracy": best,
+        "best_epoch": epochs,
+        "epochs_run": epochs,
+        "stop_reason": "max_epochs",
+    }
 
 
 def longer_study(tmp_path: Path, **loop: Any) -> Any:
@@ -616,3 +621,35 @@ def test_a_stage_run_alone_or_with_the_rule_off_is_not_followed_up(tmp_path: Pat
     tuner.run(off, check=False, progress=lambda line: None)
     found = optuna.load_study(study_name="study/lr", storage=off.storage)
     assert len(found.trials) == 6 and closed_loop.LONGER not in found.user_attrs
+
+
+def test_a_follow_up_at_the_deadline_trains_all_its_epochs_in_the_time_kept_for_it(
+    tmp_path: Path,
+) -> None:
+    # The stage's trials run into its deadline, less the time kept for re-scoring and the
+    # follow-up; the follow-up must then get that time, not stop where the others stopped.
+    import time
+
+    def timed(config: dict[str, Any], report: Any) -> dict[str, Any]:
+        def slow(epoch: int, metrics: dict[str, float]) -> None:
+            time.sleep(0.05)
+            report(epoch, metrics)
+
+        return growing(config, slow)
+
+    study = tuner.load(
+        {"stages": ["lr"], "budget": {"trials": {"lr": 1000}},
+         "storage": f"sqlite:///{tmp_path}/d.db",
+         "loop": {"stagnation": False, "widen": False, "smooth": False},
+         "search_spaces": {"lr": {"schedule": None, "warmup": None}},
+         "sampler": {"seed": 0}, "pruner": {"name": "none"},
+         "defaults": {"lr": 3e-3, "epochs": 4, "patience": 2, "seed": 0}},
+        objective=timed,
+    )  # fmt: skip
+    lines: list[str] = []
+    tuner.run(study, timeout=6, check=False, progress=lines.append)
+    found = optuna.load_study(study_name="study/lr", storage=study.storage)
+    assert closed_loop.LONGER in found.user_attrs, lines
+    follow = found.trials[found.user_attrs[closed_loop.LONGER]["number"]]
+    assert follow.user_attrs["epochs_run"] == 8, follow.user_attrs  # all of them
+    assert follow.user_attrs["stop_reason"] == "max_epochs"

@@ -188,7 +188,7 @@ def _run(
         if study.loop["widen"] and not plan.space.grid:
             found, plan = _widen(runs, found, budget, trials_until, out)
         if longer > 1:
-            found = _follow_up(runs, found, budget, longer, trials_until, deadline, out)
+            found = _follow_up(runs, found, budget, longer, deadline, out)
         if rescore:
             closed_loop.rescore(found, plan, fn, rescore["top"], rescore["seeds"],
                                 deadline=deadline, out=out, known=known)  # fmt: skip
@@ -293,7 +293,6 @@ def _follow_up(
     found: optuna.Study,
     budget: Budget,
     factor: int,
-    trials_until: float | None,
     deadline: float | None,
     out: Print,
 ) -> optuna.Study:
@@ -323,7 +322,13 @@ def _follow_up(
     out(f"  {wanted.line()}")
     counted = (TrialState.COMPLETE, TrialState.PRUNED)  # what the budget counts: one more
     done = sum(1 for t in found.get_trials(deepcopy=False) if t.state in counted)
-    found = stage.trials(Budget(done + 1, budget.timeout), trials_until, done)
+    # It trains up to the stage's deadline: the time kept is its (kept before each trial
+    # above, it would otherwise stop where the other trials stopped, after one epoch).
+    kept, stage.reserve = stage.reserve, None
+    try:
+        found = stage.trials(Budget(done + 1, budget.timeout), deadline, done)
+    finally:
+        stage.reserve = kept
     if ended and not found.user_attrs.get("ended"):  # why the stage's search ended stands
         storages.set_study_user_attrs(found, {"ended": ended})
     return found
