@@ -161,8 +161,9 @@ def _run(
             rescore = None
             out(f"   not re-scored: the stages after it search {', '.join(again)} again")
         # The trials stop early enough to leave the re-scoring the time it will need: the top
-        # trials' own durations once per seed, read anew before each trial (worker processes
-        # keep a fixed share of the stage's time instead).
+        # trials' own durations once per seed, read anew before each trial, with the
+        # follow-up's and at most KEPT_SHARE of the stage (worker processes keep a fixed share
+        # of the stage's time instead).
         trials_until = deadline
         if rescore and deadline is not None and budget.timeout is not None:
             trials_until = deadline - RESCORE_SHARE * budget.timeout
