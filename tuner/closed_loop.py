@@ -436,6 +436,15 @@ class FollowUp:
     def from_dict(cls, data: Mapping[str, Any]) -> FollowUp:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
+    def no_time(self, need: float, left: float) -> str:
+        """Why it did not run: ``need`` seconds, ``left`` in the stage."""
+        factor = self.set["epochs"] // self.epochs
+        return (
+            f"train longer: the best trial (#{self.trial}) peaked at epoch {self.best_epoch} of"
+            f" {self.epochs}, but {factor}x its epochs need about {need:.0f} s and the stage"
+            f" has {max(left, 0.0):.0f} s left"
+        )
+
     def line(self) -> str:
         then = "" if self.number is None else f" as trial #{self.number}"
         trained = ", ".join(f"{k}={v}" for k, v in self.set.items())
@@ -468,15 +477,20 @@ def follow_up(best: FrozenTrial, factor: int) -> FollowUp | None:
     return FollowUp(best.number, epoch, epochs, str(schedule) if schedule else None, changes)
 
 
-def follow_up_seconds(study: optuna.Study, factor: int) -> float:
-    """Seconds to keep for the follow-up as the stage stands: ``factor`` x its best trial's
-    own duration where that trial asks for one and the stage has not run it yet."""
+def pending_follow_up(study: optuna.Study, factor: int) -> tuple[FollowUp, float] | None:
+    """The follow-up the stage's best asks for and has not had, with the seconds it needs
+    (``factor`` x that trial's own duration), or None."""
     if factor < 2 or study.user_attrs.get(LONGER):
-        return 0.0
+        return None
     top = ranked(study)[:1]
-    if not top or follow_up(top[0], factor) is None:
-        return 0.0
-    return factor * (_seconds(top[0]) or 0.0)
+    wanted = follow_up(top[0], factor) if top else None
+    return None if wanted is None else (wanted, factor * (_seconds(top[0]) or 0.0))
+
+
+def follow_up_seconds(study: optuna.Study, factor: int) -> float:
+    """Seconds to keep for the follow-up as the stage stands (``pending_follow_up``'s)."""
+    pending = pending_follow_up(study, factor)
+    return 0.0 if pending is None else pending[1]
 
 
 def follow_up_line(study: optuna.Study) -> str | None:

@@ -302,22 +302,14 @@ def _follow_up(
     before the deadline; the validation metric decides. It runs before the re-scoring, which
     takes what is left of the time kept (breadth first): with the re-scoring's own time
     kept first, the follow-up never fit in a stage whose kept time was capped."""
-    top = results.ranked(found)[:1]
-    if not top or found.user_attrs.get(closed_loop.LONGER):
+    pending = closed_loop.pending_follow_up(found, factor)
+    if pending is None:
         return found
-    wanted = closed_loop.follow_up(top[0], factor)
-    if wanted is None:
+    wanted, need = pending
+    left = None if deadline is None else deadline - time.time()
+    if left is not None and need > left:
+        out(f"  {wanted.no_time(need, left)}")
         return found
-    if deadline is not None:
-        need = closed_loop.follow_up_seconds(found, factor)  # its best's own time, x factor
-        left = deadline - time.time()
-        if need > left:
-            out(
-                f"  train longer: the best trial (#{wanted.trial}) peaked at epoch"
-                f" {wanted.best_epoch} of {wanted.epochs}, but {factor}x its epochs need about"
-                f" {need:.0f} s and the stage has {max(left, 0.0):.0f} s left"
-            )
-            return found
     ended = found.user_attrs.get("ended")
     wanted = closed_loop.queue_follow_up(found, wanted)
     out(f"  {wanted.line()}")
