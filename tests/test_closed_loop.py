@@ -653,3 +653,64 @@ def test_a_follow_up_at_the_deadline_trains_all_its_epochs_in_the_time_kept_for_
     follow = found.trials[found.user_attrs[closed_loop.LONGER]["number"]]
     assert follow.user_attrs["epochs_run"] == 8, follow.user_attrs  # all of them
     assert follow.user_attrs["stop_reason"] == "max_epochs"
+
+
+def test_a_follow_up_on_a_fresh_seed_duels_its_best_on_the_same_seeds() -> None:
+    # #0 won the stage on a lucky first run (0.995); on seed 1 it scores 0.980. Its follow-up
+    # trained on seed 1 (0.985) is fresh: against #0's raw value it would lose, against #0's
+    # own run on seed 1 it wins. Without the seed it trained on #0's seed: flattered alike.
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(trial(0, 0.995, 1e-3))
+    study.add_trial(trial(1, 0.985, 1e-3))  # the follow-up, trial #1
+    longer = {"trial": 0, "best_epoch": 12, "epochs": 12, "schedule": "cosine", "number": 1}
+    study.set_user_attr(closed_loop.LONGER, {**longer, "set": {"epochs": 24, "seed": 1}})
+    assert best_trial(study).number == 0  # #0 not re-scored yet: nothing to compare
+    study.set_user_attr(RESCORED, {"0": [0.995, 0.980]})
+    assert best_trial(study).number == 1
+    assert closed_loop.spread_text([0.985, 0.987], start=0).endswith("fresh 0.9860)")
+    study.set_user_attr(closed_loop.LONGER, {**longer, "set": {"epochs": 24}})
+    assert best_trial(study).number == 0  # the same seed as #0: its first value is no fresher
+
+
+def test_the_follow_up_of_a_rescored_stage_asks_for_the_next_seed() -> None:
+    found = closed_loop.follow_up(late(3, 12, patience=4, seed=5), 2, fresh=True)
+    assert found is not None and found.set == {"epochs": 24, "patience": 8, "seed": 6}
+    assert "the two compare on fresh seeds (#3 trains on seed 6 too)" in found.line()
+
+
+def lucky_growing(config: dict[str, Any], report: Any) -> dict[str, Any]:
+    """``growing``, with every run on seed 0 lucky by 0.05: the stage's first runs."""
+    luck = 0.05 if config["seed"] == 0 else 0.0
+    result = growing(config, lambda epoch, m: report(epoch, {"accuracy": m["accuracy"] + luck}))
+    return {**result, "accuracy": result["accuracy"] + luck}
+
+
+def test_a_rescored_stage_follows_its_best_up_on_a_fresh_seed_and_keeps_the_longer_run(
+    tmp_path: Path,
+) -> None:
+    study = tuner.load(
+        {"stages": ["lr"], "budget": {"trials": {"lr": 5}},
+         "storage": f"sqlite:///{tmp_path}/f.db",
+         "loop": {"stagnation": False, "widen": False, "rescore": {"top": 2, "seeds": 2},
+                  "smooth": False},
+         "search_spaces": {"lr": {"schedule": None, "warmup": None}},
+         "sampler": {"seed": 0}, "pruner": {"name": "none"},
+         "defaults": {"lr": 3e-3, "epochs": 4, "patience": 2, "seed": 0}},
+        objective=lucky_growing,
+    )  # fmt: skip
+    lines: list[str] = []
+    tuner.run(study, check=False, progress=lines.append)
+    found = optuna.load_study(study_name="study/lr", storage=study.storage)
+    stored = found.user_attrs[closed_loop.LONGER]
+    follow, best = found.trials[stored["number"]], found.trials[stored["trial"]]
+    assert follow.user_attrs["config"]["seed"] == 1 and follow.user_attrs["config"]["epochs"] == 8
+    assert follow.value < best.value  # the unlucky seed: ranked by value, it would lose
+    scored = found.user_attrs[RESCORED]
+    assert len(scored[str(best.number)]) == 3  # seeds 0, 1, 2
+    assert len(scored[str(follow.number)]) == 2  # seeds 1, 2: both fresh
+    assert best_trial(found).number == follow.number
+    shown = "\n".join(tuner.status(study)[0].widened)
+    assert "the two compare on fresh seeds" in shown and "the best now" in shown, shown
+    exported = tuner.best_config(study)
+    assert exported["config"]["seed"] == 1 and exported["config"]["epochs"] == 8
+    assert exported["provenance"]["values"]["seed"] == f"lr#{follow.number}"

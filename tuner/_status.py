@@ -13,7 +13,7 @@ from tuner import storage as storages
 from tuner.config import StudyConfig
 from tuner.errors import StageRefused, UserError
 from tuner.plan import Source, plan_stage, rerun_command, stale_keys
-from tuner.results import SURPLUS, best_of, best_trial, rescored
+from tuner.results import SURPLUS, best_of, best_trial, fresh_from, rescored
 from tuner.text import printable
 
 
@@ -38,6 +38,7 @@ class StageStatus:
     changed: list[str] = field(default_factory=list)  # upstream keys changed since it ran
     diagnostics: list[str] = field(default_factory=list)
     best_seeds: list[float] = field(default_factory=list)  # the best's value on each seed
+    best_fresh_from: int = 1  # where its fresh values start (results.fresh_from)
     widened: list[str] = field(default_factory=list)  # what the closed loop changed, and why
     ended: str | None = None  # the stop rule's line, where it ended the stage
     devices: str = ""  # how many trials each device ran (tuner.devices), where a run set them
@@ -84,6 +85,7 @@ def _fill(row: StageStatus, found: optuna.Study) -> None:
     if top is not None:
         row.best_value, row.best_number, row.best_params = top.value, top.number, top.params
         row.best_seeds = rescored(found, top) or []
+        row.best_fresh_from = fresh_from(found, top.number)
     row.widened = [
         closed_loop.Widening.from_dict(r).line()
         for r in found.user_attrs.get(closed_loop.WIDENED, [])
@@ -112,7 +114,7 @@ def render(study: StudyConfig, rows: list[StageStatus]) -> str:
             continue
         best = f"{r.best_value:.4f}" if r.best_value is not None else "-"
         if r.best_seeds:
-            best = closed_loop.spread_text(r.best_seeds)
+            best = closed_loop.spread_text(r.best_seeds, r.best_fresh_from)
         table.append((
             r.stage, f"{r.complete + r.pruned}/{r.budget}", str(r.complete), str(r.pruned),
             str(r.failed), best, f"#{r.best_number}" if r.best_number is not None else "-",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Mapping
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -16,6 +18,7 @@ from tuner.plan import Best, BestOf, Source
 RESCORED = "rescored"  # study user attr: {trial number: values over seeds} (tuner.closed_loop)
 SET = "set"  # trial user attr: config values it trained with beyond its params (a follow-up's)
 SURPLUS = "surplus"  # stop_reason of a trial that found the budget taken when it started
+LONGER = "longer"  # study user attr: the follow-up that trained the best for more epochs
 
 
 def best_of(storage: optuna.storages.BaseStorage | None, study: StudyConfig) -> BestOf:
@@ -50,27 +53,53 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     complete = ranked(study)
     if not complete:
         return None
-    scored = study.user_attrs.get(RESCORED) or {}
-    rescored = [t for t in complete if len(scored.get(str(t.number), ())) > 1]
+    attrs = study.user_attrs  # read once: a query on an RDB storage
+    fresh = {t.number: fresh_values(study, t, attrs) for t in complete}
+    rescored = [t for t in complete if fresh[t.number]]
     if len(rescored) < 2:
         return complete[0]
     sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
 
     def mean(t: FrozenTrial) -> float:
-        value = fresh_mean(scored[str(t.number)])
+        value = statistics.fmean(fresh[t.number])
         return sign * value if math.isfinite(value) else -math.inf
 
     return max(rescored, key=lambda t: (mean(t), -t.number))  # ties: the earlier trial
 
 
-def fresh_mean(values: list[float]) -> float:
+def fresh_mean(values: list[float], start: int = 1) -> float:
     """The mean of a re-scored trial's values on its fresh seeds: all but the first.
 
     The first value is the one that put the trial in the stage's top few, so it is flattered
     (the best of 20 noisy trials on 400 validation samples: +0.5 points seen) and flattered the
     most for the trial ranked first; the fresh seeds are trained after the choice of the top
-    few, so they are fair to each. A nan (a seed that failed) makes the mean nan."""
-    return statistics.fmean(values[1:]) if len(values) > 1 else statistics.fmean(values)
+    few, so they are fair to each. A nan (a seed that failed) makes the mean nan. ``start``:
+    where the fresh values start (0 for a follow-up on a fresh seed, see ``fresh_from``)."""
+    return statistics.fmean(values[start:]) if len(values) > start else statistics.fmean(values)
+
+
+def fresh_from(study: optuna.Study, number: int, attrs: Mapping[str, Any] | None = None) -> int:
+    """Where a trial's fresh values start among its values over seeds: 1, as its first value
+    is the one that ranked it (flattered); 0 for the stage's follow-up with more epochs where
+    it trained on a fresh seed (tuner.closed_loop.follow_up): no value of its own chose it."""
+    longer = (study.user_attrs if attrs is None else attrs).get(LONGER)
+    if isinstance(longer, Mapping) and longer.get("number") == number:
+        return 0 if "seed" in (longer.get("set") or {}) else 1
+    return 1
+
+
+def fresh_values(
+    study: optuna.Study, trial: FrozenTrial, attrs: Mapping[str, Any] | None = None
+) -> list[float]:
+    """A trial's values on fresh seeds (none where the stage did not re-score it), by which
+    a re-scored stage's best is chosen: a follow-up on a fresh seed and the best it follows
+    up compare on the same fresh seeds."""
+    attrs = study.user_attrs if attrs is None else attrs
+    start = fresh_from(study, trial.number, attrs)
+    values = (attrs.get(RESCORED) or {}).get(str(trial.number))
+    if not values and start == 0 and trial.value is not None:
+        values = [float(trial.value)]
+    return list(values or [])[start:]
 
 
 def ranked(study: optuna.Study) -> list[FrozenTrial]:

@@ -189,7 +189,7 @@ def _run(
         if study.loop["widen"] and not plan.space.grid:
             found, plan = _widen(runs, found, budget, trials_until, out)
         if longer > 1:
-            found = _follow_up(runs, found, budget, longer, deadline, out)
+            found = _follow_up(runs, found, budget, longer, deadline, out, bool(rescore))
         if rescore:
             closed_loop.rescore(found, plan, fn, rescore["top"], rescore["seeds"],
                                 deadline=deadline, out=out, known=known)  # fmt: skip
@@ -296,13 +296,15 @@ def _follow_up(
     factor: int,
     deadline: float | None,
     out: Print,
+    fresh: bool = False,
 ) -> optuna.Study:
     """The longer rule (tuner.closed_loop.follow_up): where the stage's best peaked in the
     last 25% of its epochs, train it once more with ``factor`` x its epochs, if it fits
     before the deadline; the validation metric decides. It runs before the re-scoring, which
     takes what is left of the time kept (breadth first): with the re-scoring's own time
-    kept first, the follow-up never fit in a stage whose kept time was capped."""
-    pending = closed_loop.pending_follow_up(found, factor)
+    kept first, the follow-up never fit in a stage whose kept time was capped. ``fresh`` (a
+    stage that re-scores): it trains on a fresh seed and duels its best there."""
+    pending = closed_loop.pending_follow_up(found, factor, fresh)
     if pending is None:
         return found
     wanted, need = pending
