@@ -668,6 +668,8 @@ def test_a_follow_up_on_a_fresh_seed_duels_its_best_on_the_same_seeds() -> None:
     study.set_user_attr(RESCORED, {"0": [0.995, 0.980]})
     assert best_trial(study).number == 1
     assert closed_loop.spread_text([0.985, 0.987], start=0).endswith("fresh 0.9860)")
+    assert closed_loop.spread_text([0.985], start=0) == "0.9850 ± 0.0000 (1 seed; fresh 0.9850)"
+    assert closed_loop.spread_text([0.990]) == "0.9900 (1 seed; no fresh one)"  # not compared
     study.set_user_attr(closed_loop.LONGER, {**longer, "set": {"epochs": 24}})
     assert best_trial(study).number == 0  # the same seed as #0: its first value is no fresher
 

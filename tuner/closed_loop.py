@@ -427,7 +427,10 @@ def spread_text(values: Sequence[float], start: int = 1) -> str:
     the mean over the fresh ones (all but the first; all of a follow-up's on a fresh seed:
     ``start`` 0), by which the stage's best is chosen."""
     mean, std, n = spread(values)
-    return f"{mean:.4f} ± {std:.4f} ({n} seeds; fresh {fresh_mean(list(values), start):.4f})"
+    if n <= start:  # cut short before its fresh seed: it is not compared
+        return f"{mean:.4f} ({n} seed; no fresh one)"
+    seeds = "1 seed" if n == 1 else f"{n} seeds"
+    return f"{mean:.4f} ± {std:.4f} ({seeds}; fresh {fresh_mean(list(values), start):.4f})"
 
 
 # --- longer -----------------------------------------------------------------------------------
