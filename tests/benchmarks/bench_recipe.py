@@ -14,7 +14,7 @@ Run (about 5 min on 2 cores with the defaults):
     python tests/benchmarks/bench_recipe.py --set epochs=24 patience=8 --variants none
 
 Each variant is ``key=value`` (dotted keys for nested ones, as ``python -m tuner run``
-overrides take them); ``--set`` changes the recipe itself.
+overrides take them), or several joined by commas; ``--set`` changes the recipe itself.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE))
 # One value each, away from the default study's recipe (what its comments say matters).
 VARIANTS = (
     "label_smoothing=0", "model.norm=none", "model.kernel_size=3", "model.activation=relu",
-    "schedule=cosine", "weight_decay=1e-4", "model.width=64",
+    "schedule=cosine", "weight_decay=1e-4", "model.width=64", "optimizer=adam,weight_decay=1e-4",
 )  # fmt: skip
 
 
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     recipe = config_of(load_study(args.study).config, parse(args.set), 0)
     variants: dict[str, dict[str, Any]] = {"recipe": {}}
     for pair in [v for v in args.variants if v != "none"]:
-        variants[pair] = parse([pair])
+        variants[pair] = parse(pair.split(","))
     jobs = [(name, seed) for name in variants for seed in args.seeds]
     with ThreadPoolExecutor(args.lanes) as pool:  # one torch thread per retrain, one per core
         tests = list(pool.map(
@@ -91,12 +91,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = statistics.fmean(by["recipe"])
     changed = ", ".join(args.set) or "none"
     print(f"\n{args.study}: test accuracy (%) on seeds {args.seeds}; recipe changes: {changed}")
-    print(f"{'variant':<24} {'mean':>6} {'std':>5} {'ratio':>6}   per seed")
+    print(f"{'variant':<34} {'mean':>6} {'std':>5} {'ratio':>6}   per seed")
     for name, values in by.items():
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         per = " ".join(f"{v:.1f}" for v in values)
         mean = statistics.fmean(values)
-        print(f"{name:<24} {mean:6.2f} {std:5.2f} {mean / base:6.4f}   {per}")
+        print(f"{name:<34} {mean:6.2f} {std:5.2f} {mean / base:6.4f}   {per}")
 
 
 if __name__ == "__main__":
