@@ -41,16 +41,15 @@ VARIANTS = (
 
 
 def parse(pairs: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` pairs, the values read as YAML (numbers, booleans, strings)."""
+    """``key=value`` pairs, the values read as on the command line (numbers, booleans, ...)."""
     from tuner import yamlio
+    from tuner.coerce import parse_pairs
+    from tuner.errors import UserError
 
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"{pair!r}: a variant is key=value, e.g. label_smoothing=0")
-        out[key] = yamlio.parse_value(value)
-    return out
+    try:
+        return {key: yamlio.parse_value(value) for key, value in parse_pairs(pairs).items()}
+    except UserError as exc:
+        raise SystemExit(f"bench_recipe: {exc}") from None
 
 
 def config_of(recipe: Mapping[str, Any], changes: Mapping[str, Any], seed: int) -> dict[str, Any]:
