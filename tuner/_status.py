@@ -85,7 +85,7 @@ def _fill(row: StageStatus, found: optuna.Study) -> None:
     if top is not None:
         row.best_value, row.best_number, row.best_params = top.value, top.number, top.params
         row.best_seeds = rescored(found, top) or []
-        row.best_fresh_from = fresh_from(found, top.number)
+        row.best_fresh_from = fresh_from(found.user_attrs, top.number)
     row.widened = [
         closed_loop.Widening.from_dict(r).line()
         for r in found.user_attrs.get(closed_loop.WIDENED, [])

@@ -48,7 +48,16 @@ from tuner.config import StudyConfig
 from tuner.nested import merged
 from tuner.objective import Objective
 from tuner.plan import StagePlan, load_space
-from tuner.results import LONGER, RESCORED, SET, best_trial, fresh_from, fresh_mean, ranked
+from tuner.results import (
+    LONGER,
+    RESCORED,
+    SET,
+    best_trial,
+    fresh_follow_up,
+    fresh_from,
+    fresh_mean,
+    ranked,
+)
 
 Print = Callable[[str], None]
 EDGE = 0.05  # a value within 5% of a range's width (in its scale) of an edge sits at it
@@ -295,7 +304,7 @@ def rescore(
         candidates.append(follow)  # it duels the best it follows up, on the same fresh seeds
     if len(candidates) < 2:
         return
-    start = {t.number: fresh_from(study, t.number, attrs) for t in candidates}
+    start = {t.number: fresh_from(attrs, t.number) for t in candidates}
     known = known or {}
     for trial in candidates:  # values an earlier stage holds for the same config: reused
         values = scored.setdefault(str(trial.number), [float(trial.value)])  # type: ignore[arg-type]
@@ -333,9 +342,8 @@ def rescore(
 
 def _fresh_follow_up(study: optuna.Study, attrs: Mapping[str, Any]) -> FrozenTrial | None:
     """The stage's follow-up with more epochs, where it trained on a fresh seed and finished."""
-    stored = attrs.get(LONGER)
-    number = stored.get("number") if isinstance(stored, Mapping) else None
-    if not isinstance(number, int) or fresh_from(study, number, attrs) != 0:
+    number = fresh_follow_up(attrs)
+    if number is None:
         return None
     trials = study.get_trials(deepcopy=False)
     trial = trials[number] if number < len(trials) else None
@@ -408,7 +416,7 @@ def _fingerprint(config: Mapping[str, Any]) -> str:
 
 def _summary(study: optuna.Study, scored: Mapping[str, list[float]]) -> str:
     attrs = study.user_attrs
-    parts = [f"#{k} {spread_text(v, fresh_from(study, int(k), attrs))}" for k, v in scored.items()]
+    parts = [f"#{k} {spread_text(v, fresh_from(attrs, int(k)))}" for k, v in scored.items()]
     best = best_trial(study)
     chosen = f"; best: #{best.number}" if best is not None else ""
     return ", ".join(parts) + chosen

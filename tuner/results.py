@@ -54,7 +54,7 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     if not complete:
         return None
     attrs = study.user_attrs  # read once: a query on an RDB storage
-    fresh = {t.number: fresh_values(study, t, attrs) for t in complete}
+    fresh = {t.number: fresh_values(attrs, t) for t in complete}
     rescored = [t for t in complete if fresh[t.number]]
     if len(rescored) < 2:
         return complete[0]
@@ -78,24 +78,28 @@ def fresh_mean(values: list[float], start: int = 1) -> float:
     return statistics.fmean(values[start:]) if len(values) > start else statistics.fmean(values)
 
 
-def fresh_from(study: optuna.Study, number: int, attrs: Mapping[str, Any] | None = None) -> int:
-    """Where a trial's fresh values start among its values over seeds: 1, as its first value
-    is the one that ranked it (flattered); 0 for the stage's follow-up with more epochs where
-    it trained on a fresh seed (tuner.closed_loop.follow_up): no value of its own chose it."""
-    longer = (study.user_attrs if attrs is None else attrs).get(LONGER)
-    if isinstance(longer, Mapping) and longer.get("number") == number:
-        return 0 if "seed" in (longer.get("set") or {}) else 1
-    return 1
+def fresh_follow_up(attrs: Mapping[str, Any]) -> int | None:
+    """The trial number of a stage's follow-up with more epochs that trained on a fresh seed
+    (tuner.closed_loop.follow_up), from the stage's user attrs; None where it has none."""
+    longer = attrs.get(LONGER)
+    if not isinstance(longer, Mapping) or "seed" not in (longer.get("set") or {}):
+        return None
+    number = longer.get("number")
+    return number if isinstance(number, int) else None
 
 
-def fresh_values(
-    study: optuna.Study, trial: FrozenTrial, attrs: Mapping[str, Any] | None = None
-) -> list[float]:
+def fresh_from(attrs: Mapping[str, Any], number: int) -> int:
+    """Where a trial's fresh values start among its values over seeds (``attrs``: its stage's
+    user attrs): 1, as its first value is the one that ranked it (flattered); 0 for the
+    follow-up on a fresh seed (``fresh_follow_up``): no value of its own chose it."""
+    return 0 if number == fresh_follow_up(attrs) else 1
+
+
+def fresh_values(attrs: Mapping[str, Any], trial: FrozenTrial) -> list[float]:
     """A trial's values on fresh seeds (none where the stage did not re-score it), by which
     a re-scored stage's best is chosen: a follow-up on a fresh seed and the best it follows
-    up compare on the same fresh seeds."""
-    attrs = study.user_attrs if attrs is None else attrs
-    start = fresh_from(study, trial.number, attrs)
+    up compare on the same fresh seeds. ``attrs``: the stage's user attrs."""
+    start = fresh_from(attrs, trial.number)
     values = (attrs.get(RESCORED) or {}).get(str(trial.number))
     if not values and start == 0 and trial.value is not None:
         values = [float(trial.value)]
