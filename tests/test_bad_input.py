@@ -68,6 +68,7 @@ CASES = {
     "malformed yaml": (("defaults:", "defaults: [unclosed"), "malformed YAML"),
     "unknown pruner": (["pruner.name=sometimes"], "pruner.name must be one of"),
     "bad pruner option": (["pruner.n_warmup_stepz=3"], "unexpected keyword argument"),
+    "unknown pruner reference": (["pruner.compare_to=best"], "pruner.compare_to must be sampled"),
     "missing study file": (["study=nowhere/study.yaml"], "does not exist"),
     "storage URL unparseable": (["storage=://nothing"], "is not a database URL"),
     "storage unreachable": (["storage=postgresql://bob:hunter2@127.0.0.1:1/db"],

@@ -84,6 +84,7 @@ def test_nested_keys_override_by_dotted_path() -> None:
         (("lrr", "1"), r"Unknown config key: lrr \(did you mean lr\?\)"),
         (("width", "64"), "did you mean model.width?"),
         (("pruner.name", "sometimes"), "pruner.name must be one of"),
+        (("pruner.compare_to", "enqueued"), "pruner.compare_to must be sampled .* or all"),
         (("direction", "up"), "direction must be maximize or minimize"),
     ],
 )

@@ -266,6 +266,55 @@ def test_the_cached_median_pruner_decides_as_optunas(
     assert seen == decisions
 
 
+def test_the_pruner_holds_a_trial_against_the_sampled_trials_not_the_enqueued_ones(
+    tmp_path: Path,
+) -> None:
+    """The incumbent and its probes (enqueued, tuned, ahead at once) are no bar for a new
+    config: the median is taken over the trials the sampler drew (``pruner.compare_to``)."""
+    study = optuna.create_study(
+        storage=storages.open_storage(f"sqlite:///{tmp_path}/t.db"), direction="maximize"
+    )
+
+    def finish(curve: list[float], enqueue: bool) -> None:
+        if enqueue:
+            study.enqueue_trial({"x": 0.5})
+        trial = study.ask()
+        trial.suggest_float("x", 0.0, 1.0)
+        for step, value in enumerate(curve, 1):
+            trial.report(value, step)
+        study.tell(trial, curve[-1])
+
+    median = {"n_startup_trials": 4, "n_warmup_steps": 2}
+    sampled = CachedPercentilePruner(optuna.pruners.MedianPruner(**median), sampled_only=True)
+    every = CachedPercentilePruner(optuna.pruners.MedianPruner(**median))
+    behind = optuna.trial.create_trial(  # behind the tuned four, ahead of what the search drew
+        state=TrialState.RUNNING, intermediate_values={1: 0.5, 2: 0.7, 3: 0.8}
+    )
+    for tuned in ([0.9, 0.95, 0.97], [0.92, 0.96, 0.98], [0.88, 0.94, 0.96], [0.9, 0.95, 0.97]):
+        finish(tuned, enqueue=True)
+    assert every.prune(study, behind)  # Optuna's own: four COMPLETE trials, all ahead
+    assert not sampled.prune(study, behind)  # no drawn trial finished yet: nothing is pruned
+    for drawn in ([0.3, 0.5, 0.6], [0.4, 0.6, 0.75], [0.5, 0.7, 0.85], [0.6, 0.8, 0.9]):
+        finish(drawn, enqueue=False)
+    every, sampled = (CachedPercentilePruner(p.pruner, sampled_only=p.sampled_only)
+                      for p in (every, sampled))  # fmt: skip
+    assert every.prune(study, behind)  # the median of all eight at step 3: 0.875
+    assert not sampled.prune(study, behind)  # the drawn four's: 0.8, and it is at 0.8
+    worse = optuna.trial.create_trial(
+        state=TrialState.RUNNING, intermediate_values={1: 0.3, 2: 0.5, 3: 0.7}
+    )
+    assert sampled.prune(study, worse)  # behind the search itself: pruned
+
+
+def test_the_study_file_says_what_the_pruner_compares_to(study) -> None:
+    plan = plan_stage(with_batch(study), "lr", lambda stage: None)
+    made = samplers.read_less(samplers.make_pruner(plan, 12), plan.study)
+    assert isinstance(made, CachedPercentilePruner) and made.sampled_only  # the default
+    optuna_own = apply_overrides(study, {"pruner.compare_to": "all"}, {}).study
+    made = samplers.read_less(samplers.make_pruner(plan, 12), optuna_own)
+    assert isinstance(made, CachedPercentilePruner) and not made.sampled_only
+
+
 def test_each_progress_line_says_what_optuna_stored_of_its_trial(study) -> None:
     def fn(config, report):
         if config["lr"] > 0.01:  # diverges: PRUNED, its value Optuna's (the last report)

@@ -220,6 +220,12 @@ def check(study: StudyConfig) -> None:
     pruner = study.pruner.get("name", "median")
     if pruner not in PRUNERS:
         raise UserError(f"{src}: pruner.name must be one of {', '.join(PRUNERS)}, got '{pruner}'.")
+    against = study.pruner.get("compare_to", "sampled")
+    if against not in ("sampled", "all"):
+        raise UserError(
+            f"{src}: pruner.compare_to must be sampled (the trials the sampler drew) or all"
+            f" (the enqueued ones too), got {show(against)}."
+        )
     for stage in study.spaces:
         if stage not in study.stages:
             raise UserError(f"{src}: search_spaces.{stage} names no stage of this study.")

@@ -202,7 +202,7 @@ def work(
         study_name=plan.name,
         storage=storage,
         sampler=make_sampler(plan.study, seed, queued=len(first_trials(plan))),
-        pruner=read_less(make_pruner(plan, int(plan.incumbent.get("epochs", 1) or 1))),
+        pruner=read_less(make_pruner(plan, int(plan.incumbent.get("epochs", 1) or 1)), plan.study),
     )
     progress = TrialLines(plan, budget, out, bar)
     pace = Pace()
