@@ -32,6 +32,8 @@ PLAYBOOK_STAGES = KNOWN_STAGES[:4]  # a study file without `stages:` runs these
 DIRECTIONS = ("maximize", "minimize")
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
+# pruner.compare_to: what the median is taken over; the first is the default
+PRUNER_REFERENCES = ("sampled", "all")
 
 _TOP_KEYS = {
     "name", "objective", "metric", "direction", "storage", "stages", "budget", "sampler",
@@ -202,6 +204,12 @@ def _check_spaces(study: StudyConfig) -> None:
         load_space(study, stage)
 
 
+def pruner_reference(study: StudyConfig) -> Any:
+    """The study's ``pruner.compare_to`` as written: ``sampled`` (the trials the sampler drew)
+    unless it says otherwise; ``check`` holds it to ``PRUNER_REFERENCES``."""
+    return study.pruner.get("compare_to", PRUNER_REFERENCES[0])
+
+
 def check(study: StudyConfig) -> None:
     """The study's settings are ones the engine knows."""
     src = study.source
@@ -220,8 +228,8 @@ def check(study: StudyConfig) -> None:
     pruner = study.pruner.get("name", "median")
     if pruner not in PRUNERS:
         raise UserError(f"{src}: pruner.name must be one of {', '.join(PRUNERS)}, got '{pruner}'.")
-    against = study.pruner.get("compare_to", "sampled")
-    if against not in ("sampled", "all"):
+    against = pruner_reference(study)
+    if against not in PRUNER_REFERENCES:
         raise UserError(
             f"{src}: pruner.compare_to must be sampled (the trials the sampler drew) or all"
             f" (the enqueued ones too), got {show(against)}."

@@ -16,7 +16,7 @@ from optuna.pruners import _percentile
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner import storage as storages
-from tuner.config import StudyConfig
+from tuner.config import StudyConfig, pruner_reference
 from tuner.errors import UserError
 from tuner.plan import StagePlan
 
@@ -155,18 +155,11 @@ def enqueued(trial: FrozenTrial) -> bool:
     return "fixed_params" in trial.system_attrs
 
 
-def read_less(
-    pruner: optuna.pruners.BasePruner, study: StudyConfig | None = None
-) -> optuna.pruners.BasePruner:
+def read_less(pruner: optuna.pruners.BasePruner, study: StudyConfig) -> optuna.pruners.BasePruner:
     """The pruner, or for a percentile (median) pruner one that decides the same and reads
     less, over the trials the sampler drew where the study's ``pruner.compare_to`` is
     ``sampled`` (the default; ``all`` is Optuna's own choice)."""
     if isinstance(pruner, optuna.pruners.PercentilePruner):  # the median pruner is one
-        sampled = study is not None and compare_to(study) == "sampled"
+        sampled = pruner_reference(study) == "sampled"
         return CachedPercentilePruner(pruner, sampled_only=sampled)
     return pruner
-
-
-def compare_to(study: StudyConfig) -> str:
-    """The study's ``pruner.compare_to``: ``sampled`` unless it says ``all``."""
-    return str(study.pruner.get("compare_to", "sampled"))

@@ -23,32 +23,13 @@ best's; then how many pruned trials beat it.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-
-TRAIN = (
-    "import json, sys, torch; torch.set_num_threads(1);"
-    "from objectives.loop import train;"
-    "r = train(json.loads(sys.stdin.read()), test=True);"
-    "print(json.dumps([r['accuracy'], r['test']['accuracy'], r['best_epoch']]))"
-)  # fmt: skip
-
-
-def retrain(config: Mapping[str, Any]) -> tuple[float, float, int]:
-    """Train a stored trial config to its own end: (best val accuracy, test accuracy, epoch)."""
-    done = subprocess.run(
-        [sys.executable, "-c", TRAIN], input=json.dumps(config), capture_output=True,
-        text=True, check=True, cwd=ROOT,
-    )  # fmt: skip
-    val, test, epoch = json.loads(done.stdout.strip().splitlines()[-1])
-    return float(val), float(test), int(epoch)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def stage_study(storage: str, stage: str) -> Any:
@@ -78,9 +59,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"bench_pruned: stage {args.stage!r} has no COMPLETE trial")
     best = max(complete, key=lambda t: t.value if t.value is not None else -1.0)
     jobs = [best, *[t for t in pruned if "config" in t.user_attrs]]
+    import bench_quality
+
     with ThreadPoolExecutor(args.lanes) as pool:  # one torch thread per retrain, one per core
-        results = list(pool.map(lambda t: retrain(t.user_attrs["config"]), jobs))
-    base_val, base_test, _ = results[0]
+        results = list(pool.map(lambda t: bench_quality.retrained(t.user_attrs["config"]), jobs))
+    base_val, base_test = results[0]["accuracy"], results[0]["test"]
     print(f"\n{study.study_name}: {len(trials)} trials, {len(complete)} complete, "
           f"{len(pruned)} pruned (at epoch: "
           f"{', '.join(str(t.last_step) for t in pruned)})")  # fmt: skip
@@ -89,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     head = ("trial", "pruned at", "val then", "val end", "/ best", "test")
     print("{:>6} {:>9} {:>8} {:>8} {:>7} {:>6}".format(*head))
     beat = 0
-    for trial, (val, test, _) in zip(jobs[1:], results[1:], strict=True):
+    for trial, result in zip(jobs[1:], results[1:], strict=True):
+        val, test = result["accuracy"], result["test"]
         then = trial.intermediate_values.get(trial.last_step or 0, float("nan"))
         beat += val > base_val
         mark = "  beats the stage best" if val > base_val else ""

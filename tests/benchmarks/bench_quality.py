@@ -246,17 +246,24 @@ def time_to(trials: Sequence[Mapping[str, Any]], side: str, target: float) -> fl
 
 def retrain(config: Mapping[str, Any]) -> float:
     """Train a winner's config again and score the test split once (one torch thread)."""
+    return retrained(config)["test"]
+
+
+def retrained(config: Mapping[str, Any]) -> dict[str, float]:
+    """Train a config again to its own end, in a process of its own with one torch thread:
+    its best epoch's validation ``accuracy``, the ``test`` accuracy and the ``best_epoch``."""
     code = (
         "import json, sys, torch; torch.set_num_threads(1);"
         "from objectives.loop import train;"
         "r = train(json.loads(sys.stdin.read()), test=True);"
-        "print(json.dumps(r['test']['accuracy']))"
+        "print(json.dumps({'accuracy': r['accuracy'], 'test': r['test']['accuracy'],"
+        " 'best_epoch': r['best_epoch']}))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], input=json.dumps(config), capture_output=True,
         text=True, check=True, cwd=ROOT,
     )  # fmt: skip
-    return float(done.stdout.strip().splitlines()[-1])
+    return {k: float(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
 # --- the table ---------------------------------------------------------------------------------
