@@ -21,6 +21,7 @@ from tuner.config import load_study
 from tuner.errors import UserError
 from tuner.plan import plan_stage
 from tuner.results import RESCORED, best_trial
+from tuner.stage import count
 
 STUDY = load_study()
 CONFIG = STUDY.config
@@ -430,6 +431,92 @@ def test_pruned_trials_count_by_the_epochs_they_trained() -> None:
     assert not closed_loop.stagnated(plan, fresh)
 
 
+def test_a_pruned_trial_gives_back_the_share_of_the_cap_it_did_not_train() -> None:
+    # Seen: a stage of 1-2 s trials at its cap of 40 trials, 28 of them pruned at epoch 3 of
+    # 12, long before its time; the run ended at 63% of its budget. Those 28 trained 7
+    # trials' worth: the cap counts them so, as the stop rule does.
+    plan = lr_plan()
+    assert plan.incumbent["epochs"] == 12
+    lr = FloatDistribution(3e-4, 3e-2, log=True)
+
+    def pruned(epoch: int | None) -> optuna.trial.FrozenTrial:
+        values = {} if epoch is None else {1: 0.5, epoch: 0.6}
+        return create_trial(state=TrialState.PRUNED, intermediate_values=values,
+                            params={"lr": 2e-3}, distributions={"lr": lr})  # fmt: skip
+
+    trials = [trial(0, 0.9, 1e-3), *(pruned(3) for _ in range(28)), pruned(12)]
+    assert closed_loop.credit(plan, trials) == pytest.approx(28 * 0.75)  # 12 of 12: none
+    # One that reported nothing takes a whole place: a stage whose every trial is cut at once
+    # must still end at its cap.
+    assert closed_loop.credit(plan, [pruned(None), pruned(None)]) == 0.0
+    assert closed_loop.credit(lr_plan(loop={**STUDY.loop, "pruned_credit": False}), trials) == 0
+    # A grid stage runs its candidates, however they end.
+    batch = plan_stage(STUDY, "batch_size", lambda stage: None)
+    assert batch.space.grid and closed_loop.credit(batch, trials) == 0.0
+
+
+def rising(config: dict[str, Any], report: Any) -> dict[str, Any]:
+    """Four epochs whose metric grows with the lr: the median pruner cuts the low ones."""
+    value = 0.0
+    for epoch in range(1, 5):
+        value = 0.5 + 0.01 * epoch + 0.05 * math.log10(config["lr"] / 3e-4)
+        report(epoch, {"accuracy": value})
+    return {"accuracy": value, "best_epoch": 4, "epochs_run": 4, "stop_reason": "max_epochs"}
+
+
+def credit_study(tmp_path: Path, **loop: Any) -> Any:
+    return tuner.load(
+        {"stages": ["lr"], "budget": {"trials": {"lr": 8}},
+         "storage": f"sqlite:///{tmp_path}/c.db",
+         "loop": {"stagnation": False, "widen": False, "rescore": False, **loop},
+         "search_spaces": {"lr": {"schedule": None, "warmup": None}},
+         "sampler": {"seed": 0, "n_startup_trials": 3},
+         "pruner": {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 1},
+         "defaults": {"lr": 1e-3, "epochs": 4, "patience": 4, "seed": 0}},
+        objective=rising,
+    )  # fmt: skip
+
+
+def test_a_stage_runs_until_its_trials_trained_its_cap_a_pruned_one_by_its_share(
+    tmp_path: Path,
+) -> None:
+    study = credit_study(tmp_path)
+    lines: list[str] = []
+    tuner.run(study, stage="lr", check=False, progress=lines.append)
+    found = optuna.load_study(study_name="study/lr", storage=study.storage)
+    trials = found.trials
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned and all(t.state.is_finished() for t in trials)
+    weight = {t.number: (t.last_step or 0) / 4 if t in pruned else 1.0 for t in trials}
+    spent = sum(weight.values())
+    # More trials than the cap, and exactly as many as it takes to train 8 trials' worth.
+    assert len(trials) > 8
+    assert spent >= 8 > spent - weight[trials[-1].number]
+    assert spent == pytest.approx(len(trials) - closed_loop.credit(study_plan(study), trials))
+    shown = [line for line in lines if line.startswith("[lr ")]
+    assert len(shown) == len(trials) and shown[-1].startswith(f"[lr {count(spent)}/8]")
+    assert any("." in line.split()[1] for line in shown)  # a pruned trial's share: 2.5/8
+    # Resumed, the stage holds its budget already and runs nothing.
+    again: list[str] = []
+    tuner.run(study, stage="lr", check=False, progress=again.append)
+    assert len(optuna.load_study(study_name="study/lr", storage=study.storage).trials) == len(
+        trials
+    )
+    assert any("finished trials already" in line for line in again)
+
+
+def test_with_the_credit_off_every_trial_takes_a_whole_place(tmp_path: Path) -> None:
+    study = credit_study(tmp_path, pruned_credit=False)
+    tuner.run(study, stage="lr", check=False, progress=lambda line: None)
+    found = optuna.load_study(study_name="study/lr", storage=study.storage)
+    assert len(found.trials) == 8
+    assert any(t.state == TrialState.PRUNED for t in found.trials)
+
+
+def study_plan(study: Any) -> Any:
+    return plan_stage(study, "lr", lambda stage: None)
+
+
 def test_a_widened_range_is_not_widened_again_for_the_same_best_value() -> None:
     # The best trial was drawn from the first range; once that range is widened, its value
     # sits inside the new one and must not widen it again (seen: the same widening twice,
@@ -475,6 +562,7 @@ def test_the_loop_switches_are_checked(tmp_path: Path) -> None:
         ({"smooth": 0}, "loop.smooth must be a whole number of at least 1"),
         ({"smooth": 2.5}, "loop.smooth must be a whole number of at least 1"),
         ({"longer": 0}, "loop.longer must be a whole number of at least 1"),
+        ({"pruned_credit": 1}, "loop.pruned_credit must be true or false"),
         ({"widn": True}, "unknown key 'widn' (did you mean widen?)"),
     ]:
         with pytest.raises(UserError, match=re.escape(message)):
@@ -579,7 +667,8 @@ def longer_study(tmp_path: Path, **loop: Any) -> Any:
     return tuner.load(
         {"stages": ["lr"], "budget": {"trials": {"lr": 6}},
          "storage": f"sqlite:///{tmp_path}/l.db",
-         "loop": {"stagnation": False, "widen": False, "rescore": False, "smooth": False, **loop},
+         "loop": {"stagnation": False, "widen": False, "rescore": False, "smooth": False,
+                  "pruned_credit": False, **loop},
          "search_spaces": {"lr": {"schedule": None, "warmup": None}},
          "sampler": {"seed": 0}, "pruner": {"name": "median", "n_startup_trials": 2},
          "defaults": {"lr": 3e-3, "epochs": 4, "patience": 2, "seed": 0}},

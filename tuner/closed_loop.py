@@ -23,7 +23,10 @@ The rules, each a plain decision with its own study-file switch (``loop:`` in th
   best, at least ``PER_VALUE`` per value it searches (Optuna's
   ``BestValueStagnationEvaluator``'s rule), a pruned trial counted by the share of the epochs it
   trained (24 trials pruned at epoch 3 of 12 are 6 trials' training, not 24); the time it
-  leaves flows to the stages after it, the refinement stage last.
+  leaves flows to the stages after it, the refinement stage last;
+- **pruned_credit** (spend the budget): a stage's trial cap (``budget.trials``) counts a
+  pruned trial as the stop rule does, by the share of the epochs it trained, so a stage of fast
+  trials that are mostly pruned does not end at its cap with its time unspent.
 """
 
 from __future__ import annotations
@@ -620,6 +623,29 @@ def _as_complete(trials: Sequence[FrozenTrial], epochs: int) -> list[tuple[Froze
             continue
         out.append((t, weight))
     return out
+
+
+def credit(plan: StagePlan, trials: Sequence[FrozenTrial]) -> float:
+    """The pruned-credit rule: how many places of a stage's trial cap its pruned ``trials``
+    give back, each 1 less the share of the epochs it trained (its weight in the stop rule): 28
+    trials pruned at epoch 3 of 12 take 7 places, not 28. The cap bounds how much searching
+    the validation split is asked to judge; a pruned trial is judged at one early epoch, and
+    its time (a quarter of a trial's) buys the next one. A pruned trial that reported nothing
+    takes a whole place (so a stage whose every trial is cut at once still ends). 0 where
+    it is off, for a grid stage (it runs its candidates) and where trials have no epochs."""
+    if not credits(plan):
+        return 0.0
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    epochs = int(plan.incumbent["epochs"])
+    # Rounded: float sums must not decide whether one more trial fits.
+    return round(sum(1.0 - w for _, w in _as_complete(pruned, epochs)), 6)
+
+
+def credits(plan: StagePlan) -> bool:
+    """Whether a stage's pruned trials count by their share of its epochs (``credit``)."""
+    epochs = plan.incumbent.get("epochs")
+    number = isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0
+    return bool(plan.study.loop.get("pruned_credit")) and not plan.space.grid and number
 
 
 def stop_text(plan: StagePlan) -> str:

@@ -20,6 +20,10 @@ LOOP_DEFAULTS: dict[str, Any] = {
     # once more with this many times its epochs (and patience), where the time allows, and the
     # validation metric decides (tuner.closed_loop.follow_up); 1 or false: off.
     "longer": 2,
+    # A pruned trial counts against its stage's trial cap (budget.trials) by the share of the
+    # epochs it trained, as the stop rule counts it, so the time pruning saves buys more trials
+    # (tuner.closed_loop.credit); false: every trial counts one.
+    "pruned_credit": True,
 }
 
 
@@ -30,13 +34,9 @@ def read_loop(data: Any, src: str) -> dict[str, Any]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UserError(
-            f"{src}: loop is a mapping of switches (widen, rescore, stagnation, smooth, longer)."
-        )
+        raise UserError(f"{src}: loop is a mapping of switches ({', '.join(LOOP_DEFAULTS)}).")
     _reject_unknown(data, set(LOOP_DEFAULTS), f"{src}: loop")
     loop = {**LOOP_DEFAULTS, **data}
-    if not isinstance(loop["widen"], bool):
-        raise UserError(f"{src}: loop.widen must be true or false, got {loop['widen']!r}.")
     rescore = loop["rescore"]
     if rescore is True:
         loop["rescore"] = dict(LOOP_DEFAULTS["rescore"])
@@ -48,6 +48,9 @@ def read_loop(data: Any, src: str) -> dict[str, Any]:
         for key in ("top", "seeds"):
             _positive_int(rescore[key], f"loop.rescore.{key}", src)
         loop["rescore"] = rescore
+    for key in ("widen", "pruned_credit"):
+        if not isinstance(loop[key], bool):
+            raise UserError(f"{src}: loop.{key} must be true or false, got {loop[key]!r}.")
     if loop["stagnation"] is not False:
         _positive_int(loop["stagnation"], "loop.stagnation", src)
     if loop["smooth"] is False:

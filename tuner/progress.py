@@ -48,7 +48,7 @@ class StageProgress:
         self.stage, self.total, self.timeout = stage, total, timeout
         self.stream = stream if stream is not None else sys.stderr
         self.started = time.monotonic()
-        self.done = 0
+        self.done: float = 0
         self.best: float | None = None
         self._bar: tqdm | None = None
         self._stop = threading.Event()
@@ -72,7 +72,7 @@ class StageProgress:
         """Whether a bar is drawn (the stream is a terminal)."""
         return self._bar is not None
 
-    def update(self, done: int, best: float | None) -> None:
+    def update(self, done: float, best: float | None) -> None:
         """Trials finished so far and the best value so far."""
         self.done, self.best = done, best
         self._refresh()
@@ -128,7 +128,7 @@ class StageProgress:
         bar = self._bar
         if bar is None:
             return
-        bar.n = min(self.done, self.total)
+        bar.n = min(round(self.done, 1), self.total)  # a pruned trial may count a share
         bar.set_postfix_str(self.text(), refresh=False)
         bar.refresh()
 

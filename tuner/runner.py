@@ -27,7 +27,7 @@ from tuner.pool import Pool, set_threads
 from tuner.progress import StageProgress
 from tuner.results import SURPLUS, best_of
 from tuner.samplers import make_pruner, make_sampler
-from tuner.stage import OUT_OF_TIME, Budget, start_stage, work
+from tuner.stage import OUT_OF_TIME, Budget, spent, start_stage, work
 
 Print = Callable[[str], None]
 RESCORE_SHARE = 0.2  # of a stage's time, kept by worker processes for re-scoring the top trials
@@ -227,7 +227,7 @@ class Stage:
         # With re-scoring: this process's trials end by ``until`` less what ``reserve`` keeps.
         self.reserve, self.until = reserve, until
 
-    def trials(self, budget: Budget, deadline: float | None, done: int) -> optuna.Study:
+    def trials(self, budget: Budget, deadline: float | None, done: float) -> optuna.Study:
         """Run trials until the stage has ``budget.trials`` finished ones, or time is up."""
         storages.set_study_user_attrs(
             optuna.load_study(study_name=self.plan.name, storage=self.storage), {"ended": None}
@@ -270,8 +270,8 @@ def _widen(
             found.enqueue_trial(closed_loop.moved(ranked[0], plan, w))
         budget = Budget(budget.trials + closed_loop.EXTRA_TRIALS * len(widenings), budget.timeout)
         stage.plan = plan
-        done = sum(1 for t in found.get_trials(deepcopy=False) if t.state.is_finished())
-        found = stage.trials(budget, deadline, done)
+        finished = sum(1 for t in found.get_trials(deepcopy=False) if t.state.is_finished())
+        found = stage.trials(budget, deadline, spent(plan, budget, found, finished))
     return found, plan
 
 
@@ -321,7 +321,8 @@ def _follow_up(
     # above, it would otherwise stop where the other trials stopped, after one epoch).
     kept, stage.reserve = stage.reserve, None
     try:
-        found = stage.trials(Budget(done + 1, budget.timeout), deadline, done)
+        # One more trial, exactly: the pruned trials' credit is the search's, not the follow-up's.
+        found = stage.trials(Budget(done + 1, budget.timeout, credit=False), deadline, done)
     finally:
         stage.reserve = kept
     if ended and not found.user_attrs.get("ended"):  # why the stage's search ended stands

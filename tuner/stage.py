@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -40,10 +41,30 @@ FAILURE_STREAK = 5  # this many failed trials in a row stop a stage: the error i
 
 @dataclass
 class Budget:
-    """A stage's budget: finished trials, and seconds (None: no limit)."""
+    """A stage's budget: finished trials, and seconds (None: no limit). With ``credit`` (and
+    the study's ``loop.pruned_credit``), a pruned trial counts by the share of the epochs it
+    trained (tuner.closed_loop.credit)."""
 
     trials: int
     timeout: float | None
+    credit: bool = True
+
+
+def spent(plan: StagePlan, budget: Budget, study: optuna.Study, finished: int) -> float:
+    """How much of ``budget.trials`` a stage's ``finished`` trials have taken: one each, a
+    pruned one less its credit (tuner.closed_loop.credit)."""
+    return finished - _credit(plan, budget, study)
+
+
+def _credit(plan: StagePlan, budget: Budget, study: optuna.Study) -> float:
+    if not budget.credit:
+        return 0.0
+    return closed_loop.credit(plan, study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
+
+
+def count(n: float) -> str:
+    """A count of trials that a pruned trial's credit may have made fractional: 30, 30.2."""
+    return f"{n:.1f}".removesuffix(".0")
 
 
 class TrialLines:
@@ -70,7 +91,9 @@ class TrialLines:
         ended = _ended(trial, states[trial.number], value)
         if ended.user_attrs.get("stop_reason") == SURPLUS:
             return states
-        done = sum(1 for state in states.values() if state in FINISHED)
+        done: float = sum(1 for state in states.values() if state in FINISHED)
+        if TrialState.PRUNED in states.values():
+            done = spent(self.plan, self.budget, study, int(done))
         metric = self.plan.study.metric
         state = ended.state.name
         shown = f"{metric}={ended.value:.4f}" if ended.value is not None else ""
@@ -82,7 +105,7 @@ class TrialLines:
         if self.bar is not None:
             self.bar.update(done, best[1] if best is not None else None)
         self.out(
-            f"[{self.plan.stage} {done}/{self.budget.trials}] #{ended.number} {state:<8} "
+            f"[{self.plan.stage} {count(done)}/{self.budget.trials}] #{ended.number} {state:<8} "
             f"{shown:<16} {best_text:<22} {reason:<22} {seconds:5.1f}s  {params}"
         )
         if ended.state == TrialState.FAIL:
@@ -136,9 +159,10 @@ def start_stage(
     *,
     restart: bool = False,
     out: Print = print,
-) -> int:
+) -> float:
     """Create (or reopen) a stage's study, record its plan, enqueue its first trials, and
-    print its header; returns how many trials are finished already."""
+    print its header; returns how much of its budget its finished trials have taken already
+    (a pruned one less its credit: tuner.closed_loop.credit)."""
     existing = storages.load(storage, plan.name)
     if existing is not None and restart:
         optuna.delete_study(study_name=plan.name, storage=storage)
@@ -159,7 +183,7 @@ def start_stage(
     if plan.space.grid:
         _queue_grid(plan, study)
     trials = study.get_trials(deepcopy=False)
-    done = sum(1 for t in trials if t.state in FINISHED)
+    done = spent(plan, budget, study, sum(1 for t in trials if t.state in FINISHED))
     _header(plan, budget, done, out)
     if again and done < budget.trials:
         cut = [t for t in trials if t.number in again]
@@ -169,7 +193,7 @@ def start_stage(
         )
     if done >= budget.trials:
         out(
-            f"  stage {plan.stage} has {done}/{budget.trials} finished trials already"
+            f"  stage {plan.stage} has {count(done)}/{budget.trials} finished trials already"
             f" (raise trials= to run more)."
         )
     return done
@@ -218,13 +242,18 @@ def work(
                 storages.set_study_user_attrs(study, {"ended": OUT_OF_TIME})
             break
         live = sorted(number for number, state in states.items() if state in LIVE)
-        waiting = any(states[number] == TrialState.WAITING for number in live[: budget.trials])
+        # The places the cap leaves: its trials, and what the pruned ones gave back.
+        places = budget.trials + (
+            _credit(plan, budget, study) if TrialState.PRUNED in states.values() else 0.0
+        )
+        objective.budget = places  # workers racing for the last place: one gets it
+        waiting = any(states[n] == TrialState.WAITING for n in live[: math.ceil(places)])
         if not waiting and closed_loop.stagnated(plan, study):
             if worker == 0:
                 out(f"  {closed_loop.stop_text(plan)}")
                 storages.set_study_user_attrs(study, {"ended": closed_loop.stop_text(plan)})
             break
-        if len(live) < budget.trials or waiting:
+        if len(live) < places or waiting:
             # No callback: Optuna would read the trial back whole for it, and the line needs
             # only what this process holds of it.
             objective.last = None
@@ -347,15 +376,17 @@ def sampler_seed(plan: StagePlan, storage: optuna.storages.BaseStorage, worker: 
     return (fixed * 10_007 + plan.index * 101 + n_before + worker * 7_919) % 2**32
 
 
-def _header(plan: StagePlan, budget: Budget, done: int, out: Print) -> None:
+def _header(plan: StagePlan, budget: Budget, done: float, out: Print) -> None:
     fixed = (
         ", ".join(f"{k}={_short(v)} ({plan.lineage[k].label})" for k, v in plan.fixed.items())
         or "nothing"
     )
     limit = f", at most {budget.timeout:.0f}s" if budget.timeout else ""
+    credit = budget.credit and closed_loop.credits(plan)
+    share = " (a pruned one counts the share of its epochs it trained)" if credit else ""
     out(
         f"== stage {plan.index + 1}/{len(plan.study.stages)} {plan.stage}"
-        f" ({plan.name}): {budget.trials} trials{limit}, {done} finished before"
+        f" ({plan.name}): {budget.trials} trials{share}{limit}, {count(done)} finished before"
     )
     out(f"   searches {', '.join(plan.space.keys) or 'nothing'}; fixed: {fixed}")
     if plan.space.grid:

@@ -113,7 +113,7 @@ class OutOfTime(Exception):
 def make_objective(
     plan: StagePlan,
     fn: Objective,
-    budget: int | None = None,
+    budget: float | None = None,
     deadline: float | None = None,
     pace: Pace | None = None,
     sampler_seed: int | None = None,
@@ -136,7 +136,7 @@ class StageObjective:
         self,
         plan: StagePlan,
         fn: Objective,
-        budget: int | None,
+        budget: float | None,
         deadline: float | None,
         pace: Pace | None,
         sampler_seed: int | None = None,
@@ -161,7 +161,7 @@ class StageObjective:
         plan, budget = self.plan, self.budget
         if budget is not None and _claimed_before(trial) >= budget:
             trial.set_user_attr("stop_reason", SURPLUS)
-            raise Surplus(f"the stage's {budget} trials are taken by other workers")
+            raise Surplus(f"the stage's {budget:g} places are taken by other workers")
         drawn = search_spaces.suggest(trial, plan.space, plan.incumbent)
         # A queued follow-up (closed_loop.FollowUp) trains with more than its params: more epochs.
         extra = trial.user_attrs.get(SET) or {}
