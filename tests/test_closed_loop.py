@@ -21,7 +21,6 @@ from tuner.config import load_study
 from tuner.errors import UserError
 from tuner.plan import plan_stage
 from tuner.results import RESCORED, best_trial
-from tuner.stage import count
 
 STUDY = load_study()
 CONFIG = STUDY.config
@@ -494,8 +493,13 @@ def test_a_stage_runs_until_its_trials_trained_its_cap_a_pruned_one_by_its_share
     assert spent >= 8 > spent - weight[trials[-1].number]
     assert spent == pytest.approx(len(trials) - closed_loop.credit(study_plan(study), trials))
     shown = [line for line in lines if line.startswith("[lr ")]
-    assert len(shown) == len(trials) and shown[-1].startswith(f"[lr {count(spent)}/8]")
+    assert len(shown) == len(trials) and shown[-1].startswith(f"[lr {closed_loop.count(spent)}/8]")
     assert any("." in line.split()[1] for line in shown)  # a pruned trial's share: 2.5/8
+    # status counts them so too: the budget's share taken, not the trials that ran.
+    from tuner._status import render
+
+    table = render(study, tuner.status(study)).splitlines()
+    assert any(line.split()[:2] == ["lr", f"{closed_loop.count(spent)}/8"] for line in table)
     # Resumed, the stage holds its budget already and runs nothing.
     again: list[str] = []
     tuner.run(study, stage="lr", check=False, progress=again.append)

@@ -23,7 +23,8 @@ class StageStatus:
 
     stage: str
     exists: bool = False
-    budget: int = 0
+    budget: int = 0  # its trials' worth: the study's, and what a widening added
+    credit: float = 0.0  # what its pruned trials gave back of it (closed_loop.credit)
     complete: int = 0
     pruned: int = 0
     failed: int = 0
@@ -58,6 +59,7 @@ def collect(study: StudyConfig) -> list[StageStatus]:
             try:
                 plan = plan_stage(study, stage, best)
                 row.changed = stale_keys(plan, found.user_attrs.get("lineage", {}))
+                row.credit = closed_loop.credit(plan, found.get_trials(deepcopy=False))
             except StageRefused:
                 row.changed = []  # an upstream stage lost its result; nothing to compare
         rows.append(row)
@@ -66,6 +68,7 @@ def collect(study: StudyConfig) -> list[StageStatus]:
 
 def _fill(row: StageStatus, found: optuna.Study) -> None:
     row.exists = True
+    row.budget += closed_loop.extra_trials(found)
     trials = found.get_trials(deepcopy=False)
     row.stale = retry.stale_trials(found)
     waiting = retry.queued_retries(trials)
@@ -116,7 +119,8 @@ def render(study: StudyConfig, rows: list[StageStatus]) -> str:
         if r.best_seeds:
             best = closed_loop.spread_text(r.best_seeds, r.best_fresh_from)
         table.append((
-            r.stage, f"{r.complete + r.pruned}/{r.budget}", str(r.complete), str(r.pruned),
+            r.stage, f"{closed_loop.count(r.complete + r.pruned - r.credit)}/{r.budget}",
+            str(r.complete), str(r.pruned),
             str(r.failed), best, f"#{r.best_number}" if r.best_number is not None else "-",
         ))  # fmt: skip
     table = [tuple(map(printable, row)) for row in table]  # a study named with ESC in it

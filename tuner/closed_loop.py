@@ -641,6 +641,11 @@ def credit(plan: StagePlan, trials: Sequence[FrozenTrial]) -> float:
     return round(sum(1.0 - w for _, w in _as_complete(pruned, epochs)), 6)
 
 
+def count(n: float) -> str:
+    """A count of trials that the pruned trials' credit may have made fractional: 30, 30.2."""
+    return f"{n:.1f}".removesuffix(".0")
+
+
 def credits(plan: StagePlan) -> bool:
     """Whether a stage's pruned trials count by their share of its epochs (``credit``)."""
     epochs = plan.incumbent.get("epochs")

@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 import search_spaces
 from tuner import __version__, closed_loop, retry
 from tuner import storage as storages
+from tuner.closed_loop import count
 from tuner.errors import StageFailed, StageRefused, UserError
 from tuner.nested import merged
 from tuner.objective import Objective
@@ -60,11 +61,6 @@ def _credit(plan: StagePlan, budget: Budget, study: optuna.Study) -> float:
     if not budget.credit:
         return 0.0
     return closed_loop.credit(plan, study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
-
-
-def count(n: float) -> str:
-    """A count of trials that a pruned trial's credit may have made fractional: 30, 30.2."""
-    return f"{n:.1f}".removesuffix(".0")
 
 
 class TrialLines:
