@@ -57,8 +57,14 @@ def spent(plan: StagePlan, budget: Budget, study: optuna.Study, finished: int) -
     return finished - _credit(plan, budget, study)
 
 
-def _credit(plan: StagePlan, budget: Budget, study: optuna.Study) -> float:
-    if not budget.credit:
+def _credit(
+    plan: StagePlan,
+    budget: Budget,
+    study: optuna.Study,
+    states: dict[int, TrialState] | None = None,
+) -> float:
+    """The pruned trials' credit; none read where ``states`` (every trial's) holds none."""
+    if not budget.credit or (states is not None and TrialState.PRUNED not in states.values()):
         return 0.0
     return closed_loop.credit(plan, study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
 
@@ -87,9 +93,8 @@ class TrialLines:
         ended = _ended(trial, states[trial.number], value)
         if ended.user_attrs.get("stop_reason") == SURPLUS:
             return states
-        done: float = sum(1 for state in states.values() if state in FINISHED)
-        if TrialState.PRUNED in states.values():
-            done = spent(self.plan, self.budget, study, int(done))
+        finished = sum(1 for state in states.values() if state in FINISHED)
+        done = finished - _credit(self.plan, self.budget, study, states)
         metric = self.plan.study.metric
         state = ended.state.name
         shown = f"{metric}={ended.value:.4f}" if ended.value is not None else ""
@@ -239,9 +244,7 @@ def work(
             break
         live = sorted(number for number, state in states.items() if state in LIVE)
         # The places the cap leaves: its trials, and what the pruned ones gave back.
-        places = budget.trials + (
-            _credit(plan, budget, study) if TrialState.PRUNED in states.values() else 0.0
-        )
+        places = budget.trials + _credit(plan, budget, study, states)
         objective.budget = places  # workers racing for the last place: one gets it
         waiting = any(states[n] == TrialState.WAITING for n in live[: math.ceil(places)])
         if not waiting and closed_loop.stagnated(plan, study):
