@@ -316,6 +316,98 @@ def test_a_config_an_earlier_stage_rescored_is_not_trained_again(tmp_path: Path)
     assert best_trial(stored).number == 0  # the reused incumbent's mean (0.95) wins
 
 
+def test_the_incumbent_an_earlier_stage_rescored_defends_its_place_below_the_top(
+    tmp_path: Path,
+) -> None:
+    storage = f"sqlite:///{tmp_path}/d.db"
+    earlier = optuna.create_study(direction="maximize", storage=storage, study_name="earlier")
+    earlier.add_trial(trial(0, 0.95, 1e-3))
+    earlier.set_user_attr(RESCORED, {"0": [0.95, 0.97, 0.96]})  # fresh mean 0.965
+    trained: list[tuple[float, int]] = []
+
+    def fn(config: dict[str, Any], report: Any) -> dict[str, Any]:
+        trained.append((config["lr"], config["seed"]))
+        return {"accuracy": 0.94}  # the flattered challengers, on fresh seeds
+
+    def stage(name: str, incumbent: bool) -> optuna.Study:
+        now = optuna.create_study(direction="maximize", storage=storage, study_name=name)
+        now.add_trial(trial(0, 0.95, 1e-3))  # the incumbent, trained again: ranked last
+        now.add_trial(trial(1, 0.99, 2e-3))
+        now.add_trial(trial(2, 0.98, 3e-3))
+        known = closed_loop.known_values([earlier])
+        closed_loop.rescore(now, lr_plan(), fn, 2, 2, deadline=None, out=lambda line: None,
+                            known=known, incumbent=incumbent)  # fmt: skip
+        return optuna.load_study(study_name=name, storage=storage)
+
+    on = stage("on", incumbent=True)
+    seed = CONFIG["seed"]
+    # Only the two challengers train, each on the same two fresh seeds; the incumbent's values
+    # are those it holds.
+    assert trained == [(2e-3, seed + 1), (3e-3, seed + 1), (2e-3, seed + 2), (3e-3, seed + 2)]
+    assert on.user_attrs[RESCORED]["0"] == [0.95, 0.97, 0.96]
+    assert best_trial(on).number == 0  # 0.965 on fresh seeds against 0.94
+    trained.clear()
+    off = stage("off", incumbent=False)  # the switch: the top 2 alone, as before
+    assert "0" not in off.user_attrs[RESCORED] and best_trial(off).number == 1
+
+
+def test_an_incumbent_rescored_on_fewer_seeds_is_trained_on_the_ones_it_lacks(
+    tmp_path: Path,
+) -> None:
+    storage = f"sqlite:///{tmp_path}/f.db"
+    earlier = optuna.create_study(direction="maximize", storage=storage, study_name="earlier")
+    earlier.add_trial(trial(0, 0.95, 1e-3))
+    earlier.set_user_attr(RESCORED, {"0": [0.95, 0.97]})  # its re-scoring was cut short
+    now = optuna.create_study(direction="maximize", storage=storage, study_name="now")
+    now.add_trial(trial(0, 0.95, 1e-3))
+    now.add_trial(trial(1, 0.99, 2e-3))
+    trained: list[tuple[float, int]] = []
+
+    def fn(config: dict[str, Any], report: Any) -> dict[str, Any]:
+        trained.append((config["lr"], config["seed"]))
+        return {"accuracy": 0.96}
+
+    closed_loop.rescore(now, lr_plan(), fn, 1, 2, deadline=None, out=lambda line: None,
+                        known=closed_loop.known_values([earlier]))  # fmt: skip
+    seed = CONFIG["seed"]
+    # Compared on the same seeds: the challenger on both, the incumbent on the one it lacks.
+    assert trained == [(2e-3, seed + 1), (2e-3, seed + 2), (1e-3, seed + 2)]
+    stored = optuna.load_study(study_name="now", storage=storage)
+    assert stored.user_attrs[RESCORED] == {"1": [0.99, 0.96, 0.96], "0": [0.95, 0.97, 0.96]}
+    assert best_trial(stored).number == 0
+
+
+def test_a_run_keeps_the_rescored_incumbent_over_a_challenger_flattered_by_its_seed(
+    tmp_path: Path,
+) -> None:
+    # The refinement stage searches label smoothing; the optimizer stage trains every trial at
+    # the default 0.1. On seed 0 any other value looks 0.05 better; on every other seed it is
+    # 0.05 worse: the refinement stage's challengers are flattered, its incumbent is not.
+    def flattered(config: dict[str, Any], report: Any) -> dict[str, Any]:
+        default = config["label_smoothing"] == 0.1
+        score = (0.9 if default else 0.95) if config["seed"] == 0 else (0.95 if default else 0.9)
+        report(1, {"accuracy": score})
+        return {"accuracy": score}
+
+    def run(name: str, incumbent: bool) -> dict[str, Any]:
+        study = tuner.load(
+            {"name": name, "stages": ["optimizer", "refine"],
+             "budget": {"trials": {"optimizer": 3, "refine": 4}},
+             "storage": f"sqlite:///{tmp_path}/{name}.db",
+             "loop": {"stagnation": False, "widen": False, "longer": False, "smooth": False,
+                      "rescore": {"top": 2, "seeds": 1, "incumbent": incumbent}},
+             "defaults": {"lr": 1e-3, "epochs": 1, "seed": 0, "label_smoothing": 0.1,
+                          "optimizer": "adam", "momentum": 0.9, "beta1": 0.9, "beta2": 0.999,
+                          "weight_decay": 1e-4, "schedule": "cosine", "warmup": 0.1}},
+            objective=flattered,
+        )  # fmt: skip
+        tuner.run(study, check=False, progress=lambda line: None)
+        return tuner.best_config(study)["config"]
+
+    assert run("on", incumbent=True)["label_smoothing"] == 0.1
+    assert run("off", incumbent=False)["label_smoothing"] != 0.1
+
+
 # --- smooth ------------------------------------------------------------------------------------
 
 
@@ -558,7 +650,9 @@ def test_the_loop_switches_are_checked(tmp_path: Path) -> None:
     assert tuner.load({**base, "loop": {"longer": True}}).loop["longer"] == 2
     assert tuner.load({**base, "loop": {"longer": 3}}).loop["longer"] == 3
     assert tuner.load({**base, "loop": {"rescore": {"top": 2}}}).loop["rescore"] == {
-        "top": 2, "seeds": 2}  # fmt: skip
+        "top": 2, "seeds": 2, "incumbent": True}  # fmt: skip
+    off = tuner.load({**base, "loop": {"rescore": {"incumbent": False}}}).loop["rescore"]
+    assert off == {"top": 3, "seeds": 2, "incumbent": False}
     for loop, message in [
         ({"widen": "yes"}, "loop.widen must be true or false"),
         ({"rescore": {"top": 0}}, "loop.rescore.top must be a whole number of at least 1"),
@@ -567,6 +661,7 @@ def test_the_loop_switches_are_checked(tmp_path: Path) -> None:
         ({"smooth": 2.5}, "loop.smooth must be a whole number of at least 1"),
         ({"longer": 0}, "loop.longer must be a whole number of at least 1"),
         ({"pruned_credit": 1}, "loop.pruned_credit must be true or false"),
+        ({"rescore": {"incumbent": "no"}}, "loop.rescore.incumbent must be true or false"),
         ({"widn": True}, "unknown key 'widn' (did you mean widen?)"),
     ]:
         with pytest.raises(UserError, match=re.escape(message)):

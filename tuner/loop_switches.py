@@ -9,7 +9,9 @@ from tuner.errors import UserError
 # The closed loop's rules (tuner.closed_loop), each a study-file switch: `loop: {widen: false}`.
 LOOP_DEFAULTS: dict[str, Any] = {
     "widen": True,  # a best value at a non-natural edge widens its range; the stage goes on
-    "rescore": {"top": 3, "seeds": 2},  # a stage's top trials retrained on other seeds
+    # A stage's top trials retrained on other seeds; the incumbent an earlier stage re-scored
+    # joins them on the values it holds (incumbent: false leaves it out).
+    "rescore": {"top": 3, "seeds": 2, "incumbent": True},
     # A stage stops after this many finished trials (pruned ones too) without a new best, and
     # at least 2 per value it searches (tuner.closed_loop.patience).
     "stagnation": 10,
@@ -42,11 +44,18 @@ def read_loop(data: Any, src: str) -> dict[str, Any]:
         loop["rescore"] = dict(LOOP_DEFAULTS["rescore"])
     elif rescore is not False:
         if not isinstance(rescore, dict):
-            raise UserError(f"{src}: loop.rescore is false or {{top: N, seeds: N}}.")
-        _reject_unknown(rescore, {"top", "seeds"}, f"{src}: loop.rescore")
+            raise UserError(
+                f"{src}: loop.rescore is false or {{top: N, seeds: N, incumbent: true|false}}."
+            )
+        _reject_unknown(rescore, {"top", "seeds", "incumbent"}, f"{src}: loop.rescore")
         rescore = {**LOOP_DEFAULTS["rescore"], **rescore}
         for key in ("top", "seeds"):
             _positive_int(rescore[key], f"loop.rescore.{key}", src)
+        if not isinstance(rescore["incumbent"], bool):
+            raise UserError(
+                f"{src}: loop.rescore.incumbent must be true or false,"
+                f" got {rescore['incumbent']!r}."
+            )
         loop["rescore"] = rescore
     for key in ("widen", "pruned_credit"):
         if not isinstance(loop[key], bool):

@@ -192,7 +192,8 @@ def _run(
             found = _follow_up(runs, found, budget, longer, deadline, out, bool(rescore))
         if rescore:
             closed_loop.rescore(found, plan, fn, rescore["top"], rescore["seeds"],
-                                deadline=deadline, out=out, known=known)  # fmt: skip
+                                deadline=deadline, out=out, known=known,
+                                incumbent=bool(rescore["incumbent"]))  # fmt: skip
         longer_line = closed_loop.follow_up_line(found)
         found_lines = diagnostics.record(found, out)
         notes.write_stage_note(found, [*found_lines, *([longer_line] if longer_line else [])])
