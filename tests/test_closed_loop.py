@@ -335,9 +335,11 @@ def test_the_incumbent_an_earlier_stage_rescored_defends_its_place_below_the_top
         now.add_trial(trial(1, 0.99, 2e-3))
         now.add_trial(trial(2, 0.98, 3e-3))
         known = closed_loop.known_values([earlier])
-        closed_loop.rescore(now, lr_plan(), fn, 2, 2, deadline=None, out=lambda line: None,
+        closed_loop.rescore(now, lr_plan(), fn, 2, 2, deadline=None, out=lines.append,
                             known=known, incumbent=incumbent)  # fmt: skip
         return optuna.load_study(study_name=name, storage=storage)
+
+    lines: list[str] = []
 
     on = stage("on", incumbent=True)
     seed = CONFIG["seed"]
@@ -346,6 +348,8 @@ def test_the_incumbent_an_earlier_stage_rescored_defends_its_place_below_the_top
     assert trained == [(2e-3, seed + 1), (3e-3, seed + 1), (2e-3, seed + 2), (3e-3, seed + 2)]
     assert on.user_attrs[RESCORED]["0"] == [0.95, 0.97, 0.96]
     assert best_trial(on).number == 0  # 0.965 on fresh seeds against 0.94
+    assert lines[-1].startswith("  rescored the top 2 on 2 more seeds, with #0 (the incumbent): ")
+    assert lines[-1].endswith("best: #0")
     trained.clear()
     off = stage("off", incumbent=False)  # the switch: the top 2 alone, as before
     assert "0" not in off.user_attrs[RESCORED] and best_trial(off).number == 1
@@ -375,6 +379,41 @@ def test_an_incumbent_rescored_on_fewer_seeds_is_trained_on_the_ones_it_lacks(
     stored = optuna.load_study(study_name="now", storage=storage)
     assert stored.user_attrs[RESCORED] == {"1": [0.99, 0.96, 0.96], "0": [0.95, 0.97, 0.96]}
     assert best_trial(stored).number == 0
+
+
+def test_a_rescoring_cut_short_names_the_best_by_the_values_it_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datetime as dt
+
+    storage = f"sqlite:///{tmp_path}/c.db"
+    earlier = optuna.create_study(direction="maximize", storage=storage, study_name="earlier")
+    earlier.add_trial(trial(0, 0.95, 1e-3))
+    earlier.add_trial(trial(1, 0.95, 4e-3))
+    earlier.set_user_attr(RESCORED, {"0": [0.95, 0.97, 0.96], "1": [0.95, 0.93, 0.93]})
+    now = optuna.create_study(direction="maximize", storage=storage, study_name="now")
+    start = dt.datetime(2026, 1, 1)
+    for number, value, lr in [(0, 0.95, 1e-3), (1, 0.99, 2e-3), (2, 0.98, 3e-3), (3, 0.95, 4e-3)]:
+        t = trial(number, value, lr)
+        t.datetime_start, t.datetime_complete = start, start + dt.timedelta(seconds=10)
+        now.add_trial(t)
+    clock = [1000.0]
+    monkeypatch.setattr(closed_loop.time, "time", lambda: clock[0])
+    trained: list[float] = []
+
+    def fn(config: dict[str, Any], report: Any) -> dict[str, Any]:
+        trained.append(config["lr"])
+        return {"accuracy": 0.94}
+
+    lines: list[str] = []
+    closed_loop.rescore(now, lr_plan(), fn, 2, 2, deadline=1005.0, out=lines.append,
+                        known=closed_loop.known_values([earlier]))  # fmt: skip
+    # No challenger fits before the deadline; the two configs the earlier stage re-scored
+    # compare on the values they hold, and the line names the best as the stage reads it back.
+    assert trained == []
+    assert lines[-1].startswith("  rescoring stopped: out of the stage's time"), lines
+    assert lines[-1].endswith("best: #0)"), lines
+    assert best_trial(optuna.load_study(study_name="now", storage=storage)).number == 0
 
 
 def test_a_run_keeps_the_rescored_incumbent_over_a_challenger_flattered_by_its_seed(

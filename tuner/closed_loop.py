@@ -307,12 +307,16 @@ def rescore(
     metric = plan.study.metric
     window, maximize = int(plan.study.loop["smooth"]), plan.study.direction == "maximize"
     candidates = ranked(study)[:top]
+    shown = len(candidates)
     attrs = study.user_attrs
     follow = _fresh_follow_up(study, attrs)
+    also = ""
     if follow is not None and follow.number not in {t.number for t in candidates}:
         candidates.append(follow)  # it duels the best it follows up, on the same fresh seeds
-    if incumbent:
-        candidates += defenders(study, candidates, known or {})
+        also += f", with #{follow.number} (the follow-up)"
+    for trial in defenders(study, candidates, known or {}) if incumbent else []:
+        candidates.append(trial)
+        also += f", with #{trial.number} (the incumbent)"
     if len(candidates) < 2:
         return
     start = {t.number: fresh_from(attrs, t.number) for t in candidates}
@@ -332,8 +336,10 @@ def rescore(
                 continue
             took = _seconds(trial) or each  # this config's own time, not the stage's mean
             if deadline is not None and time.time() + took > deadline:
-                out(f"  rescoring stopped: out of the stage's time ({_summary(study, scored)})")
+                # Written first: the summary names the best as read back (values reused from an
+                # earlier stage are not written before).
                 storages.set_study_user_attrs(study, {RESCORED: scored})
+                out(f"  rescoring stopped: out of the stage's time ({_summary(study, scored)})")
                 return
             seed = int(config["seed"]) + len(values)
             try:
@@ -348,7 +354,7 @@ def rescore(
     # Written once more at the end: values reused from an earlier stage need no training run,
     # and a reused config ranked last would otherwise never be recorded (nor win).
     storages.set_study_user_attrs(study, {RESCORED: scored})
-    out(f"  rescored the top {len(candidates)} on {seeds} more seeds: {_summary(study, scored)}")
+    out(f"  rescored the top {shown} on {seeds} more seeds{also}: {_summary(study, scored)}")
 
 
 def _fresh_follow_up(study: optuna.Study, attrs: Mapping[str, Any]) -> FrozenTrial | None:
