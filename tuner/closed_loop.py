@@ -12,9 +12,9 @@ The rules, each a plain decision with its own study-file switch (``loop:`` in th
   lucky validation split does not win; the spread is stored and shown. The configs an
   earlier stage re-scored that this stage trained again (its incumbent) join the comparison
   with the values they hold (``incumbent``), so a challenger that is merely flattered does not
-  replace them. A stage whose every
-  value a later stage of the run searches again (the lr stage, before the architecture and
-  refinement stages re-tune the lr and its schedule) is provisional and is not re-scored;
+  replace them unseen. A stage whose every value a later stage of the run searches again (the
+  lr stage, before the architecture and refinement stages re-tune the lr and its schedule) is
+  provisional and is not re-scored;
 - **smooth** (choose through the noise, within a trial): a trial's value is the best mean of
   its validation metric over a few consecutive epochs, not its luckiest single epoch: on a
   few hundred validation samples the maximum over a dozen noisy epochs flatters a run whose
