@@ -306,7 +306,8 @@ def rescore(
     each = mean_trial_seconds(study) or 0.0
     metric = plan.study.metric
     window, maximize = int(plan.study.loop["smooth"]), plan.study.direction == "maximize"
-    candidates = ranked(study)[:top]
+    finished = ranked(study)
+    candidates = finished[:top]
     shown = len(candidates)
     attrs = study.user_attrs
     follow = _fresh_follow_up(study, attrs)
@@ -314,7 +315,7 @@ def rescore(
     if follow is not None and follow.number not in {t.number for t in candidates}:
         candidates.append(follow)  # it duels the best it follows up, on the same fresh seeds
         also += f", with #{follow.number} (the follow-up)"
-    for trial in defenders(study, candidates, known or {}) if incumbent else []:
+    for trial in defenders(finished, candidates, known or {}) if incumbent else []:
         candidates.append(trial)
         also += f", with #{trial.number} (the incumbent)"
     if len(candidates) < 2:
@@ -389,18 +390,21 @@ def reserve(
 
 
 def defenders(
-    study: optuna.Study, candidates: Sequence[FrozenTrial], known: Mapping[str, list[float]]
+    finished: Sequence[FrozenTrial],
+    candidates: Sequence[FrozenTrial],
+    known: Mapping[str, list[float]],
 ) -> list[FrozenTrial]:
-    """The stage's finished trials, beside ``candidates``, whose config an earlier stage
-    re-scored (``known``) and which trained to the same value here: the incumbent, mostly. They
-    defend their place on the values over seeds they hold, at no cost where those cover the
-    seeds of the re-scoring. Seen on a plain SGD start (MNIST-1D, seed 0): the refinement
-    stage's top 3 by one value (0.994-0.996 on validation) scored 0.85-0.988 on a fresh seed,
-    the best of them 0.9875, against the 0.9883 of the incumbent, which ranked 4th by its
-    0.9925 and so was never compared; the one chosen scored 98.8% test, the incumbent 99.0%."""
+    """The stage's ``finished`` trials (as ``ranked`` gives them), beside ``candidates``, whose
+    config an earlier stage re-scored (``known``) and which trained to the same value here: the
+    incumbent, mostly. They defend their place on the values over seeds they hold, at no cost
+    where those cover the seeds of the re-scoring. Seen on a plain SGD start (MNIST-1D, seed
+    0): the refinement stage's top 3 by one value (0.994-0.996 on validation) scored 0.85 to
+    0.988 on a fresh seed, the best of them 0.9875, against the 0.9883 of the incumbent, which
+    ranked 4th by its 0.9925 and so was never compared; the one chosen scored 98.8% test, the
+    incumbent 99.0%."""
     seen = {_fingerprint(t.user_attrs["config"]) for t in candidates}
     found: list[FrozenTrial] = []
-    for trial in ranked(study):
+    for trial in finished:
         key = _fingerprint(trial.user_attrs["config"])
         if key in seen or _reused(known, trial.user_attrs["config"], float(trial.value)) is None:  # type: ignore[arg-type]
             continue

@@ -51,10 +51,16 @@ class Budget:
     credit: bool = True
 
 
-def spent(plan: StagePlan, budget: Budget, study: optuna.Study, finished: int) -> float:
+def spent(
+    plan: StagePlan,
+    budget: Budget,
+    study: optuna.Study,
+    finished: int,
+    states: dict[int, TrialState] | None = None,
+) -> float:
     """How much of ``budget.trials`` a stage's ``finished`` trials have taken: one each, a
-    pruned one less its credit (tuner.closed_loop.credit)."""
-    return finished - _credit(plan, budget, study)
+    pruned one less its credit (tuner.closed_loop.credit); ``states`` as ``_credit`` takes it."""
+    return finished - _credit(plan, budget, study, states)
 
 
 def _credit(
@@ -94,7 +100,7 @@ class TrialLines:
         if ended.user_attrs.get("stop_reason") == SURPLUS:
             return states
         finished = sum(1 for state in states.values() if state in FINISHED)
-        done = finished - _credit(self.plan, self.budget, study, states)
+        done = spent(self.plan, self.budget, study, finished, states)
         metric = self.plan.study.metric
         state = ended.state.name
         shown = f"{metric}={ended.value:.4f}" if ended.value is not None else ""
