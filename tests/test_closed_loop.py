@@ -197,8 +197,10 @@ def test_the_time_kept_for_rescoring_is_what_the_top_trials_took() -> None:
     # reuses its values and trains only the other two, 2 x (2 + 4) and one run of 4 more.
     known = {json.dumps(study.trials[0].user_attrs["config"], sort_keys=True): [0.99, 0.98]}
     assert closed_loop.reserve(study, top=3, seeds=2, known=known) == pytest.approx(16.0)
-    moved = {next(iter(known)): [0.97, 0.98]}  # another seed-0 value: not the same training run
-    assert closed_loop.reserve(study, top=3, seeds=2, known=moved) == pytest.approx(42.0)
+    # Another seed-0 value there (that run was cut by its stage's deadline): the same config,
+    # whose fresh value is reused all the same.
+    moved = {next(iter(known)): [0.97, 0.98]}
+    assert closed_loop.reserve(study, top=3, seeds=2, known=moved) == pytest.approx(16.0)
 
 
 def test_a_stage_with_one_finished_trial_keeps_no_time_for_rescoring() -> None:
@@ -378,6 +380,36 @@ def test_an_incumbent_rescored_on_fewer_seeds_is_trained_on_the_ones_it_lacks(
     assert trained == [(2e-3, seed + 1), (2e-3, seed + 2), (1e-3, seed + 2)]
     stored = optuna.load_study(study_name="now", storage=storage)
     assert stored.user_attrs[RESCORED] == {"1": [0.99, 0.96, 0.96], "0": [0.95, 0.97, 0.96]}
+    assert best_trial(stored).number == 0
+
+
+def test_a_config_cut_short_by_an_earlier_stage_reuses_the_fresh_values_it_holds(
+    tmp_path: Path,
+) -> None:
+    # The earlier stage's deadline cut the config at some epoch (0.93); its re-scoring trained
+    # it in full on two more seeds. Trained in full here it scores 0.95 on its own seed: the
+    # same config all the same, so it keeps its fresh values and defends its place on them.
+    storage = f"sqlite:///{tmp_path}/g.db"
+    earlier = optuna.create_study(direction="maximize", storage=storage, study_name="earlier")
+    earlier.add_trial(trial(0, 0.93, 1e-3))
+    earlier.set_user_attr(RESCORED, {"0": [0.93, 0.97, 0.96]})
+    now = optuna.create_study(direction="maximize", storage=storage, study_name="now")
+    now.add_trial(trial(0, 0.95, 1e-3))  # ranked last by its value here
+    now.add_trial(trial(1, 0.99, 2e-3))
+    now.add_trial(trial(2, 0.98, 3e-3))
+    trained: list[float] = []
+
+    def fn(config: dict[str, Any], report: Any) -> dict[str, Any]:
+        trained.append(config["lr"])
+        return {"accuracy": 0.94}
+
+    lines: list[str] = []
+    closed_loop.rescore(now, lr_plan(), fn, 2, 2, deadline=None, out=lines.append,
+                        known=closed_loop.known_values([earlier]))  # fmt: skip
+    assert trained == [2e-3, 3e-3, 2e-3, 3e-3]  # not the incumbent: its fresh values are held
+    stored = optuna.load_study(study_name="now", storage=storage)
+    assert stored.user_attrs[RESCORED]["0"] == [0.95, 0.97, 0.96]  # its own first value here
+    assert "with #0 (the incumbent)" in lines[-1]
     assert best_trial(stored).number == 0
 
 

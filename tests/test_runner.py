@@ -446,6 +446,34 @@ def test_a_trial_still_running_when_time_is_up_keeps_its_best_epoch(study, monke
     assert len(s.trials) == 1  # no trial starts that could not report once in time
 
 
+def test_a_trial_whose_last_epoch_ends_past_the_deadline_trained_them_all(
+    study, monkeypatch
+) -> None:
+    # The deadline falls during the trial's last epoch: no epoch follows it, so nothing was
+    # cut. It ends on max_epochs (a follow-up asks for that), not "out of time at epoch 5".
+    clock = FakeClock()
+    for module in (samplers, stage_loop, trial_bridge):
+        monkeypatch.setattr(module, "time", clock)
+
+    def slow(config, report):
+        for epoch in range(1, config["epochs"] + 1):
+            clock.sleep(0.3)
+            report(epoch, {"accuracy": 0.1 * epoch, "loss": 1.0 - 0.1 * epoch})
+        return {"accuracy": 0.5, "best_epoch": 5, "epochs_run": 5, "stop_reason": "max_epochs"}
+
+    storage = storages.open_storage(study.storage)
+    five = apply_overrides(with_batch(study), {"epochs": "5"}, {}).study
+    plan = plan_stage(five, "lr", best_of(storage, five))
+    # After epoch 4 (1.2 s) a fifth ends at 1.5 s, before the 1.6 s deadline; after epoch 5
+    # another would end too late, but there is none.
+    s = run_stage(plan, storage, slow, Budget(3, 1.6), out=lambda line: None)
+    attrs = s.trials[0].user_attrs
+    assert (attrs["stop_reason"], attrs["epochs_run"]) == ("max_epochs", 5)
+    # Where the config does not fix its epochs (a time budget), the check stands after each.
+    assert trial_bridge.last_epoch({"epochs": 5, "time_budget": 30}) is None
+    assert trial_bridge.last_epoch({"epochs": 5}) == 5
+
+
 def test_a_run_stops_after_a_stage_without_a_result_and_says_why(study, monkeypatch) -> None:
     def diverges(config, report):
         return {"stop_reason": "diverged"}  # every trial is PRUNED

@@ -58,6 +58,9 @@ class TrialReport:
         self.curve: list[float] = []  # the metric of every epoch, for the trial's value
         self.started = self.last = time.time()
         self.prunable = True  # False: the pruner is not asked (a follow-up with more epochs)
+        # The run's last epoch, where the config fixes it: no epoch follows it, so the deadline
+        # does not cut it (a trial that trained every epoch ends on max_epochs, not out of time).
+        self.last_epoch: int | None = None
 
     def __call__(self, epoch: int, metrics: Mapping[str, float]) -> None:
         now = time.time()
@@ -76,7 +79,8 @@ class TrialReport:
             self.reports.flush()
             self.trial.set_user_attr("stop_reason", "pruned")
             raise optuna.TrialPruned(f"pruned at epoch {epoch}")
-        if self.deadline is not None and now + epoch_seconds > self.deadline:
+        late = self.deadline is not None and now + epoch_seconds > self.deadline
+        if late and epoch != self.last_epoch:
             raise OutOfTime(epoch)  # another epoch as long as this one would end too late
 
     def flush(self) -> None:
@@ -181,6 +185,7 @@ class StageObjective:
         metric, maximize = plan.study.metric, plan.study.direction == "maximize"
         report = TrialReport(trial, metric, self.deadline, maximize, self.pace)
         report.prunable = not extra  # its epochs are not the others' epochs: not compared
+        report.last_epoch = last_epoch(config)
         try:
             try:
                 result = self.fn(config, report)
@@ -216,6 +221,16 @@ class StageObjective:
                 failure["traceback"] = traceback.format_exc(limit=-8)
             storages.set_user_attrs(trial, failure)
             raise
+
+
+def last_epoch(config: Mapping[str, Any]) -> int | None:
+    """The epoch a run of ``config`` ends on where nothing cuts it: its ``epochs``, unless it
+    trains for a time or sample budget (then its epochs are not known before it runs)."""
+    epochs = config.get("epochs")
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        return None
+    budgeted = config.get("time_budget") is not None or config.get("train_samples") is not None
+    return None if budgeted else epochs
 
 
 class MissingMetric(ValueError):
