@@ -293,13 +293,21 @@ def test_slow_top_trials_keep_at_most_a_third_of_the_stage_from_its_search() -> 
     assert runner._kept(study, rescoring, 1, None) == 148.0  # no time limit: nothing to cap
 
 
+def earlier_stage(storage: str, rescored: dict[float, list[float]]) -> optuna.Study:
+    """An earlier stage of the run whose trials (one per lr) it re-scored: ``rescored`` maps
+    each lr to its values over seeds, its first the trial's own value."""
+    earlier = optuna.create_study(direction="maximize", storage=storage, study_name="earlier")
+    for number, (lr, values) in enumerate(rescored.items()):
+        earlier.add_trial(trial(number, values[0], lr))
+    earlier.set_user_attr(RESCORED, {str(n): v for n, v in enumerate(rescored.values())})
+    return earlier
+
+
 def test_a_config_an_earlier_stage_rescored_is_not_trained_again(tmp_path: Path) -> None:
     # A real SQLite storage: an in-memory one keeps the dict it is given, and would show
     # values that were never written.
     storage = f"sqlite:///{tmp_path}/e.db"
-    earlier = optuna.create_study(direction="maximize", storage=storage, study_name="earlier")
-    earlier.add_trial(trial(0, 0.95, 1e-3))
-    earlier.set_user_attr(RESCORED, {"0": [0.95, 0.94, 0.96]})
+    earlier = earlier_stage(storage, {1e-3: [0.95, 0.94, 0.96]})
     now = optuna.create_study(direction="maximize", storage=storage, study_name="now")
     now.add_trial(trial(0, 0.95, 1e-3))  # the incumbent: the earlier stage's best, ranked last
     now.add_trial(trial(1, 0.96, 2e-3))
@@ -322,9 +330,7 @@ def test_the_incumbent_an_earlier_stage_rescored_defends_its_place_below_the_top
     tmp_path: Path,
 ) -> None:
     storage = f"sqlite:///{tmp_path}/d.db"
-    earlier = optuna.create_study(direction="maximize", storage=storage, study_name="earlier")
-    earlier.add_trial(trial(0, 0.95, 1e-3))
-    earlier.set_user_attr(RESCORED, {"0": [0.95, 0.97, 0.96]})  # fresh mean 0.965
+    earlier = earlier_stage(storage, {1e-3: [0.95, 0.97, 0.96]})  # fresh mean 0.965
     trained: list[tuple[float, int]] = []
 
     def fn(config: dict[str, Any], report: Any) -> dict[str, Any]:
@@ -361,9 +367,7 @@ def test_an_incumbent_rescored_on_fewer_seeds_is_trained_on_the_ones_it_lacks(
     tmp_path: Path,
 ) -> None:
     storage = f"sqlite:///{tmp_path}/f.db"
-    earlier = optuna.create_study(direction="maximize", storage=storage, study_name="earlier")
-    earlier.add_trial(trial(0, 0.95, 1e-3))
-    earlier.set_user_attr(RESCORED, {"0": [0.95, 0.97]})  # its re-scoring was cut short
+    earlier = earlier_stage(storage, {1e-3: [0.95, 0.97]})  # its re-scoring was cut short
     now = optuna.create_study(direction="maximize", storage=storage, study_name="now")
     now.add_trial(trial(0, 0.95, 1e-3))
     now.add_trial(trial(1, 0.99, 2e-3))
@@ -390,9 +394,7 @@ def test_a_config_cut_short_by_an_earlier_stage_reuses_the_fresh_values_it_holds
     # it in full on two more seeds. Trained in full here it scores 0.95 on its own seed: the
     # same config all the same, so it keeps its fresh values and defends its place on them.
     storage = f"sqlite:///{tmp_path}/g.db"
-    earlier = optuna.create_study(direction="maximize", storage=storage, study_name="earlier")
-    earlier.add_trial(trial(0, 0.93, 1e-3))
-    earlier.set_user_attr(RESCORED, {"0": [0.93, 0.97, 0.96]})
+    earlier = earlier_stage(storage, {1e-3: [0.93, 0.97, 0.96]})
     now = optuna.create_study(direction="maximize", storage=storage, study_name="now")
     now.add_trial(trial(0, 0.95, 1e-3))  # ranked last by its value here
     now.add_trial(trial(1, 0.99, 2e-3))
@@ -419,10 +421,7 @@ def test_a_rescoring_cut_short_names_the_best_by_the_values_it_reused(
     import datetime as dt
 
     storage = f"sqlite:///{tmp_path}/c.db"
-    earlier = optuna.create_study(direction="maximize", storage=storage, study_name="earlier")
-    earlier.add_trial(trial(0, 0.95, 1e-3))
-    earlier.add_trial(trial(1, 0.95, 4e-3))
-    earlier.set_user_attr(RESCORED, {"0": [0.95, 0.97, 0.96], "1": [0.95, 0.93, 0.93]})
+    earlier = earlier_stage(storage, {1e-3: [0.95, 0.97, 0.96], 4e-3: [0.95, 0.93, 0.93]})
     now = optuna.create_study(direction="maximize", storage=storage, study_name="now")
     start = dt.datetime(2026, 1, 1)
     for number, value, lr in [(0, 0.95, 1e-3), (1, 0.99, 2e-3), (2, 0.98, 3e-3), (3, 0.95, 4e-3)]:
