@@ -306,6 +306,7 @@ def rescore(
     each = mean_trial_seconds(study) or 0.0
     metric = plan.study.metric
     window, maximize = int(plan.study.loop["smooth"]), plan.study.direction == "maximize"
+    known = known or {}
     finished = ranked(study)
     candidates = finished[:top]
     shown = len(candidates)
@@ -315,13 +316,12 @@ def rescore(
     if follow is not None and follow.number not in {t.number for t in candidates}:
         candidates.append(follow)  # it duels the best it follows up, on the same fresh seeds
         also += f", with #{follow.number} (the follow-up)"
-    for trial in defenders(finished, candidates, known or {}) if incumbent else []:
+    for trial in defenders(finished, candidates, known) if incumbent else []:
         candidates.append(trial)
         also += f", with #{trial.number} (the incumbent)"
     if len(candidates) < 2:
         return
     start = {t.number: fresh_from(attrs, t.number) for t in candidates}
-    known = known or {}
     for trial in candidates:  # values an earlier stage holds for the same config: reused
         values = scored.setdefault(str(trial.number), [float(trial.value)])  # type: ignore[arg-type]
         again = _reused(known, trial.user_attrs["config"], values[0])
@@ -384,7 +384,7 @@ def reserve(
     took = [
         _seconds(t) or 0.0
         for t in candidates
-        if _reused(known or {}, t.user_attrs.get("config", {}), float(t.value)) is None  # type: ignore[arg-type]
+        if _fingerprint(t.user_attrs.get("config", {})) not in (known or {})
     ]
     return seeds * sum(took) + max(took, default=0.0)
 
