@@ -148,6 +148,89 @@ def test_rescored_trials_are_compared_on_their_fresh_seeds_only() -> None:
     )
 
 
+def test_rescored_trials_compare_on_the_fresh_seeds_they_all_have() -> None:
+    # A re-scoring cut short by the deadline: #0 has one fresh seed (seed+1), #1 two. On the
+    # mean of what each has, #0 wins (0.975 against 0.970); on the seed both have, the same
+    # validation split, #1 does (0.980 against 0.975), and its second, harder split no longer
+    # counts against it.
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(trial(0, 0.995, 1e-3))
+    study.add_trial(trial(1, 0.990, 2e-3))
+    study.set_user_attr(RESCORED, {"0": [0.995, 0.975], "1": [0.990, 0.980, 0.960]})
+    assert best_trial(study).number == 1
+    # Tied on the seed they share: the mean over all its fresh seeds breaks the tie.
+    study.set_user_attr(RESCORED, {"0": [0.995, 0.980], "1": [0.990, 0.980, 0.990]})
+    assert best_trial(study).number == 1
+    study.set_user_attr(RESCORED, {"0": [0.995, 0.980], "1": [0.990, 0.980, 0.970]})
+    assert best_trial(study).number == 0
+
+
+def test_spare_seeds_go_on_breadth_first_while_the_deadline_allows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each run takes 10 s on a clock the objective moves. Two seeds for each of 3 candidates
+    # take 60 s; the deadline at 85 s holds two spare runs more: #0 and #1 on a third seed.
+    import datetime as dt
+
+    clock = [1000.0]
+    monkeypatch.setattr(closed_loop.time, "time", lambda: clock[0])
+    study = optuna.create_study(direction="maximize")
+    start = dt.datetime(2026, 1, 1)
+    for number, value in enumerate([0.99, 0.98, 0.97]):
+        t = trial(number, value, 1e-3 * (number + 1))
+        t.datetime_start, t.datetime_complete = start, start + dt.timedelta(seconds=10)
+        study.add_trial(t)
+    trained: list[tuple[float, int]] = []
+    # lr 1e-3 is the best on seeds +1 and +2 and the worst on +3: compared on the seeds all
+    # three have, it wins; its third seed and the second candidate's count for nothing yet.
+    scores = {(1e-3, 1): 0.99, (1e-3, 2): 0.99, (1e-3, 3): 0.90, (2e-3, 3): 0.99}
+
+    def fn(config: dict[str, Any], report: Any) -> dict[str, Any]:
+        clock[0] += 10
+        trained.append((config["lr"], config["seed"] - CONFIG["seed"]))
+        return {"accuracy": scores.get((config["lr"], config["seed"] - CONFIG["seed"]), 0.98)}
+
+    lines: list[str] = []
+    closed_loop.rescore(study, lr_plan(), fn, 3, 2, deadline=1085.0, out=lines.append, spare=5)
+    assert trained == [(1e-3, 1), (2e-3, 1), (3e-3, 1), (1e-3, 2), (2e-3, 2), (3e-3, 2),
+                       (1e-3, 3), (2e-3, 3)]  # fmt: skip
+    assert "then on more while the run's time lasted (2 to 3 each" in lines[-1], lines
+    assert best_trial(study).number == 0
+    # With the time for all of them, every candidate has its 2 + 5 fresh seeds.
+    clock[0], trained[:] = 1000.0, []
+    study.set_user_attr(RESCORED, {})
+    closed_loop.rescore(study, lr_plan(), fn, 3, 2, deadline=2000.0, out=lines.append, spare=5)
+    assert len(trained) == 3 * 7
+    assert lines[-1].startswith("  rescored the top 3 on 2 more seeds (and 5 spare ones"), lines
+
+
+def test_a_run_spends_its_last_stages_time_on_spare_seeds_a_stage_run_alone_does_not(
+    tmp_path: Path,
+) -> None:
+    def quick(config: dict[str, Any], report: Any) -> dict[str, Any]:
+        score = 1 - (math.log10(config["lr"]) + 2) ** 2 / 10 + 0.001 * config["seed"]
+        report(1, {"accuracy": score})
+        return {"accuracy": score}
+
+    def seeds(name: str, **run: Any) -> list[int]:
+        study = tuner.load(
+            {"name": name, "stages": ["lr"], "budget": {"trials": {"lr": 5}},
+             "storage": f"sqlite:///{tmp_path}/{name}.db",
+             "loop": {"stagnation": False, "widen": False,
+                      "rescore": {"top": 2, "seeds": 2, "last_seeds": 4}},
+             "search_spaces": {"lr": {"schedule": None, "warmup": None}},
+             "defaults": {"lr": 3e-3, "epochs": 1, "seed": 0}},
+            objective=quick,
+        )  # fmt: skip
+        tuner.run(study, check=False, progress=lambda line: None, **run)
+        found = optuna.load_study(study_name=f"{name}/lr", storage=study.storage)
+        return [len(v) - 1 for v in found.user_attrs[RESCORED].values()]
+
+    assert seeds("run", timeout=60) == [4, 4]  # its 5 trials end long before 60 s
+    assert seeds("alone", timeout=60, stage="lr") == [2, 2]  # as it always has
+    assert seeds("untimed") == [2, 2]  # no time to spare without a timeout
+
+
 def test_rescoring_trains_the_top_trials_on_more_seeds_and_the_best_mean_wins(
     tmp_path: Path,
 ) -> None:
@@ -272,8 +355,10 @@ def test_a_stage_of_slow_trials_leaves_its_rescoring_the_time_it_needs(tmp_path:
     assert re.fullmatch(r"its timeout \(12 s\) was spent(: no trial fit in the \d+ s left)?",
                         result.ended), result.ended  # fmt: skip
     # 3 trials x 2 seeds x 0.5 s is 3 s, more than a fixed fifth of the 12 s (and within the
-    # third a stage keeps at most): the trials stop early enough for all of it.
-    assert [len(v) for v in found.user_attrs[RESCORED].values()] == [3, 3, 3], lines
+    # third a stage keeps at most): the trials stop early enough for all of it. The run's last
+    # stage then spends what time is left on spare seeds, breadth first (one at most, here).
+    counts = [len(v) for v in found.user_attrs[RESCORED].values()]
+    assert len(counts) == 3 and min(counts) >= 3 and max(counts) - min(counts) <= 1, lines
     assert not any("rescoring stopped" in line for line in lines), lines
 
 
@@ -720,9 +805,11 @@ def test_the_loop_switches_are_checked(tmp_path: Path) -> None:
     assert tuner.load({**base, "loop": {"longer": True}}).loop["longer"] == 2
     assert tuner.load({**base, "loop": {"longer": 3}}).loop["longer"] == 3
     assert tuner.load({**base, "loop": {"rescore": {"top": 2}}}).loop["rescore"] == {
-        "top": 2, "seeds": 2, "incumbent": True}  # fmt: skip
+        "top": 2, "seeds": 2, "incumbent": True, "last_seeds": 10}  # fmt: skip
     off = tuner.load({**base, "loop": {"rescore": {"incumbent": False}}}).loop["rescore"]
-    assert off == {"top": 3, "seeds": 2, "incumbent": False}
+    assert off == {"top": 3, "seeds": 2, "incumbent": False, "last_seeds": 10}
+    same = {"seeds": 3, "last_seeds": False}  # the last stage re-scores as the others do
+    assert tuner.load({**base, "loop": {"rescore": same}}).loop["rescore"]["last_seeds"] == 3
     for loop, message in [
         ({"widen": "yes"}, "loop.widen must be true or false"),
         ({"rescore": {"top": 0}}, "loop.rescore.top must be a whole number of at least 1"),
@@ -732,6 +819,8 @@ def test_the_loop_switches_are_checked(tmp_path: Path) -> None:
         ({"longer": 0}, "loop.longer must be a whole number of at least 1"),
         ({"pruned_credit": 1}, "loop.pruned_credit must be true or false"),
         ({"rescore": {"incumbent": "no"}}, "loop.rescore.incumbent must be true or false"),
+        ({"rescore": {"last_seeds": 0}}, "loop.rescore.last_seeds must be a whole number"),
+        ({"rescore": {"last": 4}}, "unknown key 'last'"),
         ({"widn": True}, "unknown key 'widn' (did you mean widen?)"),
     ]:
         with pytest.raises(UserError, match=re.escape(message)):

@@ -287,10 +287,14 @@ def rescore(
     out: Print,
     known: Mapping[str, list[float]] | None = None,
     incumbent: bool = True,
+    spare: int = 0,
 ) -> None:
     """Train the stage's ``top`` trials again on ``seeds`` more seeds (seed+1, seed+2, ...),
     breadth first (every candidate on seed+1, then on seed+2), each run recorded at once;
-    stop where the next would end after ``deadline``.
+    stop where the next would end after ``deadline``. Then on up to ``spare`` seeds more, in
+    the same order, while the deadline allows: the run's last stage, whose time left has no
+    later stage to flow to, spends it on choosing its best through the noise (digits: a run
+    that its stop rule ended after 54 s of 300 chose between two configs tied on 2 seeds).
 
     A trial whose config an earlier stage re-scored already (``known``, from
     ``known_values``: the incumbent, mostly, the best of the stage before) takes those values
@@ -326,10 +330,10 @@ def rescore(
         values = scored.setdefault(str(trial.number), [float(trial.value)])  # type: ignore[arg-type]
         again = _reused(known, trial.user_attrs["config"], values[0])
         if len(values) == 1 and again is not None:
-            values[:] = again[: seeds + 1]
+            values[:] = again[: seeds + spare + 1]
     # Breadth first: each candidate gets its next seed before any gets the one after, so a
     # re-scoring cut short by the deadline still compares every candidate on a fresh seed.
-    for count in range(2, seeds + 2):
+    for count in range(2, seeds + spare + 2):
         for trial in candidates:
             config = trial.user_attrs["config"]
             values = scored[str(trial.number)]
@@ -340,7 +344,15 @@ def rescore(
                 # Written first: the summary names the best as read back (values reused from an
                 # earlier stage are not written before).
                 storages.set_study_user_attrs(study, {RESCORED: scored})
-                out(f"  rescoring stopped: out of the stage's time ({_summary(study, scored)})")
+                summary = _summary(study, scored)
+                if count > seeds + 1:  # the spare seeds end with the time, as they are meant to
+                    n = sorted({len(scored[str(t.number)]) - start[t.number] for t in candidates})
+                    held = f"{n[0]}" if len(n) == 1 else f"{n[0]} to {n[-1]}"
+                    out(f"  rescored the top {shown} on {seeds} more seeds{also}, then on more"
+                        f" while the run's time lasted ({held} each, compared on the ones all"
+                        f" have): {summary}")  # fmt: skip
+                else:
+                    out(f"  rescoring stopped: out of the stage's time ({summary})")
                 return
             seed = int(config["seed"]) + len(values)
             try:
@@ -355,7 +367,8 @@ def rescore(
     # Written once more at the end: values reused from an earlier stage need no training run,
     # and a reused config ranked last would otherwise never be recorded (nor win).
     storages.set_study_user_attrs(study, {RESCORED: scored})
-    out(f"  rescored the top {shown} on {seeds} more seeds{also}: {_summary(study, scored)}")
+    more = f" (and {spare} spare ones: the run's time allowed)" if spare else ""
+    out(f"  rescored the top {shown} on {seeds} more seeds{more}{also}: {_summary(study, scored)}")
 
 
 def _fresh_follow_up(study: optuna.Study, attrs: Mapping[str, Any]) -> FrozenTrial | None:

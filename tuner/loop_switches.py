@@ -11,7 +11,9 @@ LOOP_DEFAULTS: dict[str, Any] = {
     "widen": True,  # a best value at a non-natural edge widens its range; the stage goes on
     # A stage's top trials retrained on other seeds; the incumbent an earlier stage re-scored
     # joins them on the values it holds (incumbent: false leaves it out).
-    "rescore": {"top": 3, "seeds": 2, "incumbent": True},
+    # The run's last stage goes on re-scoring, on up to `last_seeds` more seeds in all, while
+    # the run's time lasts: time left there has no later stage to flow to.
+    "rescore": {"top": 3, "seeds": 2, "incumbent": True, "last_seeds": 10},
     # A stage stops after this many finished trials (pruned ones too) without a new best, and
     # at least 2 per value it searches (tuner.closed_loop.patience).
     "stagnation": 10,
@@ -45,11 +47,14 @@ def read_loop(data: Any, src: str) -> dict[str, Any]:
     elif rescore is not False:
         if not isinstance(rescore, dict):
             raise UserError(
-                f"{src}: loop.rescore is false or {{top: N, seeds: N, incumbent: true|false}}."
+                f"{src}: loop.rescore is false or"
+                " {top: N, seeds: N, incumbent: true|false, last_seeds: N}."
             )
-        _reject_unknown(rescore, {"top", "seeds", "incumbent"}, f"{src}: loop.rescore")
+        _reject_unknown(rescore, set(LOOP_DEFAULTS["rescore"]), f"{src}: loop.rescore")
         rescore = {**LOOP_DEFAULTS["rescore"], **rescore}
-        for key in ("top", "seeds"):
+        if rescore["last_seeds"] is False:  # the last stage re-scores as the others do
+            rescore["last_seeds"] = rescore["seeds"]
+        for key in ("top", "seeds", "last_seeds"):
             _positive_int(rescore[key], f"loop.rescore.{key}", src)
         if not isinstance(rescore["incumbent"], bool):
             raise UserError(

@@ -48,7 +48,10 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
 
     Where the stage re-scored its top trials on other seeds (tuner.closed_loop), the best is
     the one with the best mean over its fresh seeds (``fresh_mean``), not the luckiest single
-    value.
+    value: over the fresh seeds *every* re-scored trial has (``shared_seeds``), so that a
+    re-scoring cut short by the deadline compares each on the same seeds (the seed draws the
+    validation split, and one split is easier than another); the mean over all its fresh
+    seeds breaks a tie.
     """
     complete = ranked(study)
     if not complete:
@@ -59,12 +62,26 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     if len(rescored) < 2:
         return complete[0]
     sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    shared = shared_seeds([fresh[t.number] for t in rescored])
 
-    def mean(t: FrozenTrial) -> float:
-        value = statistics.fmean(fresh[t.number])
+    def mean(values: list[float]) -> float:
+        value = statistics.fmean(values)
         return sign * value if math.isfinite(value) else -math.inf
 
-    return max(rescored, key=lambda t: (mean(t), -t.number))  # ties: the earlier trial
+    def key(t: FrozenTrial) -> tuple[float, float, int]:
+        values = fresh[t.number]
+        return mean(values[:shared]), mean(values), -t.number  # ties: the earlier trial
+
+    return max(rescored, key=key)
+
+
+def shared_seeds(fresh: list[list[float]]) -> int:
+    """How many fresh seeds the re-scored trials all have: each trial's fresh values are on
+    seed+1, seed+2, ... in that order (a follow-up on a fresh seed too: see ``fresh_from``),
+    so the first ``shared_seeds`` of each are the same seeds, the same validation splits.
+    Seen (the default study, its refinement stage cut short): the trial exported won on its
+    one fresh seed against the others' mean over two."""
+    return min((len(values) for values in fresh), default=0)
 
 
 def fresh_mean(values: list[float], start: int = 1) -> float:

@@ -191,9 +191,13 @@ def _run(
         if longer > 1:
             found = _follow_up(runs, found, budget, longer, deadline, out, bool(rescore))
         if rescore:
+            # The run's last stage spends the time it has left on more seeds (a timed run
+            # only; a stage run alone re-scores as it always has).
+            last = not stage and i == len(stages) - 1 and deadline is not None
+            spare = max(0, rescore["last_seeds"] - rescore["seeds"]) if last else 0
             closed_loop.rescore(found, plan, fn, rescore["top"], rescore["seeds"],
                                 deadline=deadline, out=out, known=known,
-                                incumbent=bool(rescore["incumbent"]))  # fmt: skip
+                                incumbent=bool(rescore["incumbent"]), spare=spare)  # fmt: skip
         longer_line = closed_loop.follow_up_line(found)
         found_lines = diagnostics.record(found, out)
         notes.write_stage_note(found, [*found_lines, *([longer_line] if longer_line else [])])
