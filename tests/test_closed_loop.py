@@ -165,11 +165,9 @@ def test_rescored_trials_compare_on_the_fresh_seeds_they_all_have() -> None:
     assert best_trial(study).number == 0
 
 
-def test_spare_seeds_go_on_breadth_first_while_the_deadline_allows(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Each run takes 10 s on a clock the objective moves. Two seeds for each of 3 candidates
-    # take 60 s; the deadline at 85 s holds two spare runs more: #0 and #1 on a third seed.
+def ten_second_trials(monkeypatch: pytest.MonkeyPatch) -> tuple[optuna.Study, list[float]]:
+    """A stage of 3 finished trials (0.99, 0.98, 0.97; lr 1e-3, 2e-3, 3e-3) that took 10 s
+    each, and the clock ``closed_loop`` reads, at 1000 s: an objective moves it."""
     import datetime as dt
 
     clock = [1000.0]
@@ -180,6 +178,15 @@ def test_spare_seeds_go_on_breadth_first_while_the_deadline_allows(
         t = trial(number, value, 1e-3 * (number + 1))
         t.datetime_start, t.datetime_complete = start, start + dt.timedelta(seconds=10)
         study.add_trial(t)
+    return study, clock
+
+
+def test_spare_seeds_go_on_breadth_first_while_the_deadline_allows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each run takes 10 s on a clock the objective moves. Two seeds for each of 3 candidates
+    # take 60 s; the deadline at 85 s holds two spare runs more: #0 and #1 on a third seed.
+    study, clock = ten_second_trials(monkeypatch)
     trained: list[tuple[float, int]] = []
     # lr 1e-3 is the best on seeds +1 and +2 and the worst on +3: compared on the seeds all
     # three have, it wins; its third seed and the second candidate's count for nothing yet.
@@ -307,16 +314,7 @@ def test_rescoring_cut_short_gives_every_candidate_a_fresh_seed_first(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Each run takes 10 s on a clock the objective moves; the deadline holds 3 of the 6 runs.
-    import datetime as dt
-
-    clock = [1000.0]
-    monkeypatch.setattr(closed_loop.time, "time", lambda: clock[0])
-    study = optuna.create_study(direction="maximize")
-    start = dt.datetime(2026, 1, 1)
-    for number, value in enumerate([0.99, 0.98, 0.97]):
-        t = trial(number, value, 1e-3 * (number + 1))
-        t.datetime_start, t.datetime_complete = start, start + dt.timedelta(seconds=10)
-        study.add_trial(t)
+    study, clock = ten_second_trials(monkeypatch)
     trained: list[tuple[float, int]] = []
 
     def fn(config: dict[str, Any], report: Any) -> dict[str, Any]:
