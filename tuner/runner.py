@@ -177,8 +177,10 @@ def _run(
             top, seeds = rescore["top"], rescore["seeds"]
             rescoring = functools.partial(closed_loop.reserve, top=top, seeds=seeds, known=known)
         # The run's last stage follows its best up with more epochs where that best peaked
-        # late (closed_loop.follow_up); a stage run alone (stage=) runs as it always has.
-        longer = int(study.loop["longer"]) if not stage and i == len(stages) - 1 else 1
+        # late (closed_loop.follow_up), and re-scores on spare seeds while its time lasts; a
+        # stage run alone (stage=) runs as it always has.
+        last = not stage and i == len(stages) - 1
+        longer = int(study.loop["longer"]) if last else 1
         set_by_hand = {"epochs", "patience"} & set(flatten(study.overrides))
         longer = 1 if plan.space.grid or set_by_hand else longer  # epochs=3: what the user set
         if deadline is not None and (rescoring is not None or longer > 1):
@@ -191,10 +193,9 @@ def _run(
         if longer > 1:
             found = _follow_up(runs, found, budget, longer, deadline, out, bool(rescore))
         if rescore:
-            # The run's last stage spends the time it has left on more seeds (a timed run
-            # only; a stage run alone re-scores as it always has).
-            last = not stage and i == len(stages) - 1 and deadline is not None
-            spare = max(0, rescore["last_seeds"] - rescore["seeds"]) if last else 0
+            # Spare seeds need a deadline: an untimed run has no time left to spend.
+            timed = last and deadline is not None
+            spare = max(0, rescore["last_seeds"] - rescore["seeds"]) if timed else 0
             closed_loop.rescore(found, plan, fn, rescore["top"], rescore["seeds"],
                                 deadline=deadline, out=out, known=known,
                                 incumbent=bool(rescore["incumbent"]), spare=spare)  # fmt: skip
